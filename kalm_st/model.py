@@ -1,0 +1,250 @@
+"""``build_model`` and the sentence-transformers model class whose saves load anywhere without kalm-st."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Normalize, Transformer
+from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
+from sentence_transformers.sentence_transformer.modules import Pooling
+from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from kalm_st.instructions import build_prompts
+from kalm_st.io import atomic_directory, write_json_atomic
+from kalm_st.modules.bidirectional_decoder import (
+    MIN_TRANSFORMERS_VERSION,
+    BidirectionalDecoder,
+    check_supported_config,
+    require_bidirectional_support,
+)
+from kalm_st.modules.mean_pooling import MeanPooling
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "Qwen/Qwen2-0.5B"
+DEFAULT_MAX_SEQ_LENGTH = 512
+MATRYOSHKA_DIMS: tuple[int, ...] = (896, 512, 256, 128, 64)
+"""KaLM-V2's Matryoshka dimensions for the 896-d Qwen2-0.5B [read, authors' train script]."""
+
+# Written into config_sentence_transformers.json after every save: sentence-transformers checks it at load time and
+# raises a clear ImportError on a transformers that would run the model causally (it drops the key itself on save).
+MODEL_REQUIREMENTS: dict[str, dict[str, str]] = {
+    "transformers": {
+        "specifier": f">={MIN_TRANSFORMERS_VERSION}",
+        "reason": "config.is_causal=False (bidirectional attention) is silently ignored before transformers 5.2",
+    }
+}
+
+
+def _stock_class_ref(module: torch.nn.Module) -> tuple[str, str]:
+    """``(modules.json type, class name)`` of the nearest sentence-transformers ancestor of ``module``'s class."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("sentence_transformers."):
+            return f"{cls.__module__}.{cls.__name__}", cls.__name__
+    raise TypeError(f"{type(module).__name__} does not derive from a sentence-transformers module; cannot save it portably.")
+
+
+def make_portable(path: str | os.PathLike[str]) -> None:
+    """Rewrite a saved model folder so plain ``SentenceTransformer(path)`` loads it without ``trust_remote_code``.
+
+    kalm-st modules subclass stock ones and add behaviour only, so each is recorded under its stock ancestor (and
+    its stock folder name); the transformers floor goes into ``config_sentence_transformers.json``.
+    """
+    folder = Path(path)
+    modules_path = folder / "modules.json"
+    modules = json.loads(modules_path.read_text(encoding="utf8"))
+    for entry in modules:
+        if entry["type"].startswith("sentence_transformers."):
+            continue
+        module_cls = _import_class(entry["type"])
+        stock_type, stock_name = _stock_class_ref(module_cls.__new__(module_cls))
+        entry["type"] = stock_type
+        if entry["path"] and entry["path"] == f"{entry['idx']}_{module_cls.__name__}":
+            new_path = f"{entry['idx']}_{stock_name}"
+            (folder / entry["path"]).rename(folder / new_path)
+            entry["path"] = new_path
+    modules_path.write_text(json.dumps(modules, indent=2), encoding="utf8")
+    config_path = folder / "config_sentence_transformers.json"
+    config = json.loads(config_path.read_text(encoding="utf8")) if config_path.exists() else {}
+    config["requirements"] = MODEL_REQUIREMENTS
+    write_json_atomic(config_path, config)
+
+
+def _import_class(class_ref: str) -> type:
+    import importlib
+
+    module_name, _, class_name = class_ref.rpartition(".")
+    if not module_name.startswith("kalm_st."):
+        raise ValueError(f"Refusing to import non-kalm-st class {class_ref!r} while making a model portable.")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+class KaLMSentenceTransformer(SentenceTransformer):
+    """A :class:`~sentence_transformers.SentenceTransformer` with kalm-st's module classes and portable saves.
+
+    - ``save`` (and so ``save_pretrained``, Trainer checkpoints and ``push_to_hub``) writes the stock format
+      atomically: plain ``SentenceTransformer(path)`` loads the folder in an interpreter that never imports kalm-st,
+      with no ``trust_remote_code``, and gives the same embeddings.
+    - Loading a folder with this class gives kalm-st's classes back: a stock ``Transformer`` over a supported
+      decoder with ``is_causal: false`` becomes :class:`~kalm_st.modules.BidirectionalDecoder`, a mean ``Pooling``
+      becomes :class:`~kalm_st.modules.MeanPooling`.
+    - ``encode`` rejects non-string items with a ``TypeError`` naming the index (the stock class fails deep inside
+      the tokenizer).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for module in self._modules.values():
+            if type(module) is Transformer and getattr(module.auto_model.config, "is_causal", True) is False:
+                BidirectionalDecoder.from_transformer(module)
+            elif type(module) is Pooling and module.pooling_mode in ("mean", ("mean",)):
+                MeanPooling.from_pooling(module)
+
+    def save(
+        self,
+        path: str,
+        model_name: str | None = None,
+        create_model_card: bool = True,
+        train_datasets: list[str] | None = None,
+        safe_serialization: bool = True,
+    ) -> None:
+        if path is None:
+            return
+        with atomic_directory(path) as tmp:
+            super().save(
+                str(tmp),
+                model_name=model_name,
+                create_model_card=create_model_card,
+                train_datasets=train_datasets,
+                safe_serialization=safe_serialization,
+            )
+            make_portable(tmp)
+
+    def encode(self, inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
+        _check_text_inputs(inputs if inputs is not None else kwargs.get("sentences"))
+        return super().encode(inputs, *args, **kwargs)
+
+
+def _check_text_inputs(inputs: Any) -> None:
+    if isinstance(inputs, str) or inputs is None:
+        return
+    if isinstance(inputs, (list, tuple)):
+        for index, item in enumerate(inputs):
+            if not isinstance(item, str):
+                raise TypeError(
+                    f"encode() expects strings, but item {index} is {type(item).__name__}: {item!r:.80}"
+                )
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``"auto"``/None: bfloat16 on a GPU (KaLM trains in bf16), float32 on CPU."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
+        return getattr(torch, dtype)
+    return dtype
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_exists(path: str, what: str) -> None:
+    """Raise ``FileNotFoundError`` for a missing local path; let a Hub id through unless the Hub is offline."""
+    if Path(path).exists():
+        return
+    from huggingface_hub import constants
+
+    if _HUB_ID.match(path) and not constants.HF_HUB_OFFLINE:
+        return
+    raise FileNotFoundError(
+        f"{what} {path!r} does not exist"
+        + (" (and the Hub is offline: HF_HUB_OFFLINE is set)." if _HUB_ID.match(path) else ".")
+    )
+
+
+def build_model(
+    backbone: str | os.PathLike[str] | PretrainedConfig = DEFAULT_BACKBONE,
+    *,
+    tokenizer: str | os.PathLike[str] | PreTrainedTokenizerBase | None = None,
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    dtype: torch.dtype | str | None = "auto",
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = None,
+    truncate_dim: int | None = None,
+    include_prompt: bool = True,
+    prompts: Mapping[str, str] | None = None,
+    device: str | None = None,
+    seed: int | None = 0,
+    model_card_data: SentenceTransformerModelCardData | None = None,
+) -> KaLMSentenceTransformer:
+    """A KaLM embedder: bidirectional decoder + mean pooling + L2 normalisation (METHOD.md §1).
+
+    Args:
+        backbone: Hub id or local folder of a decoder checkpoint (default Qwen/Qwen2-0.5B), or a transformers config
+            for a randomly initialised model (then ``tokenizer`` is required).
+        tokenizer: Tokenizer (or its folder) when ``backbone`` is a config; ignored otherwise.
+        max_seq_length: Truncation length (KaLM: 512).
+        dtype: Weights dtype; ``"auto"`` is bfloat16 on a GPU and float32 on CPU.
+        attn_implementation: transformers attention back-end (default: transformers' choice, sdpa).
+        truncate_dim: Matryoshka dimension the model's ``encode`` truncates to (KaLM dims: 896, 512, 256, 128, 64).
+        include_prompt: Whether instruction tokens count in the mean (KaLM: yes).
+        prompts: Prompt table; default the whole KaLM instruction table (:func:`kalm_st.instructions.build_prompts`).
+        device: Torch device; default sentence-transformers' choice.
+        seed: Seed of the random initialisation when ``backbone`` is a config.
+        model_card_data: Model card metadata; default one that never calls the Hub.
+
+    Returns:
+        A :class:`KaLMSentenceTransformer`. Its saves load with plain ``SentenceTransformer(path)``.
+    """
+    require_bidirectional_support()
+    torch_dtype = resolve_dtype(dtype)
+    model_kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    if model_card_data is None:
+        model_card_data = SentenceTransformerModelCardData(local_files_only=True)
+
+    with tempfile.TemporaryDirectory(prefix="kalm-st-init-") as scratch:
+        if isinstance(backbone, PretrainedConfig):
+            if tokenizer is None:
+                raise ValueError("build_model(config) needs `tokenizer=` (a tokenizer or its folder).")
+            check_supported_config(backbone, source="the given config")
+            if seed is not None:
+                torch.manual_seed(seed)
+            AutoModel.from_config(backbone, dtype=torch_dtype).save_pretrained(scratch)
+            if not isinstance(tokenizer, PreTrainedTokenizerBase):
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+            tokenizer.save_pretrained(scratch)
+            source = scratch
+        else:
+            source = os.fspath(backbone)
+            _check_exists(source, "Backbone")
+            if Path(source).is_dir() and not (Path(source) / "config.json").exists():
+                raise FileNotFoundError(f"Backbone folder {source!r} has no config.json: not a transformers checkpoint.")
+        transformer = BidirectionalDecoder(source, max_seq_length=max_seq_length, model_kwargs=model_kwargs)
+        pooling = MeanPooling(transformer.get_embedding_dimension(), include_prompt=include_prompt)
+        model = KaLMSentenceTransformer(
+            modules=[transformer, pooling, Normalize()],
+            prompts=dict(build_prompts() if prompts is None else prompts),
+            truncate_dim=truncate_dim,
+            device=device,
+            model_card_data=model_card_data,
+        )
+    return model
+
+
+def load_model(path: str | os.PathLike[str], **kwargs: Any) -> KaLMSentenceTransformer:
+    """Load a saved model with kalm-st's classes (plain ``SentenceTransformer(path)`` works too)."""
+    _check_exists(os.fspath(path), "Model")
+    kwargs.setdefault("model_card_data", SentenceTransformerModelCardData(local_files_only=True))
+    return KaLMSentenceTransformer(os.fspath(path), **kwargs)

@@ -1,0 +1,139 @@
+"""A decoder LLM with its causal mask removed, as a sentence-transformers input module (METHOD.md §1)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import transformers
+from packaging.version import Version
+from sentence_transformers.base.modules import Transformer
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+MIN_TRANSFORMERS_VERSION = "5.2.0"
+# transformers < 5.2 silently ignores ``config.is_causal = False`` and runs decoders causally.
+_TRANSFORMERS_SUPPORTS_IS_CAUSAL_FALSE = Version(transformers.__version__) >= Version(MIN_TRANSFORMERS_VERSION)
+
+SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(
+    {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
+)
+"""Decoder families whose attention honours ``config.is_causal = False`` in transformers >= 5.2, each checked by
+``tests/test_bidirectional.py`` (the first token's state moves when only the last token changes)."""
+
+
+def require_bidirectional_support() -> None:
+    """Raise ``ImportError`` when the installed transformers would silently run a decoder causally."""
+    if not _TRANSFORMERS_SUPPORTS_IS_CAUSAL_FALSE:
+        raise ImportError(
+            f"kalm-st needs transformers>={MIN_TRANSFORMERS_VERSION} for bidirectional decoders: "
+            f"transformers {transformers.__version__} ignores `config.is_causal = False` and would run the model "
+            f"causally without any error. Upgrade with `pip install 'transformers>={MIN_TRANSFORMERS_VERSION}'`."
+        )
+
+
+def check_supported_config(config: PretrainedConfig, source: str = "the backbone") -> None:
+    """Raise ``ValueError`` naming the architecture when ``config`` is not a supported decoder."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    architectures = ", ".join(getattr(config, "architectures", None) or [str(model_type)])
+    is_decoder_config = getattr(config, "is_decoder", False) or any(
+        arch.endswith("ForCausalLM") for arch in (getattr(config, "architectures", None) or [])
+    )
+    hint = (
+        "it is a decoder kalm-st has not verified as bidirectional"
+        if is_decoder_config
+        else "it is not a decoder LLM (encoder-only models are already bidirectional: use the stock "
+        "sentence_transformers Transformer module)"
+    )
+    raise ValueError(
+        f"Unsupported architecture {architectures} (model_type={model_type!r}) in {source}: {hint}. "
+        f"Supported decoder model types: {sorted(SUPPORTED_MODEL_TYPES)}."
+    )
+
+
+class BidirectionalDecoder(Transformer):
+    """A Hugging Face decoder (Qwen2 first; Qwen3, Llama, Mistral, Gemma, Phi-3) with fully bidirectional attention.
+
+    KaLM-Embedding-V2 removes the causal mask of its Qwen2-0.5B backbone at training and inference time. In
+    transformers >= 5.2 this is the persisted config flag ``config.is_causal = False``, honoured by the eager, sdpa,
+    flex and flash-attention back-ends. This module sets it on the loaded config (``config_kwargs`` would silently
+    drop it), refuses a transformers version that would ignore it, and refuses architectures it has not verified.
+
+    On disk it is exactly the stock :class:`~sentence_transformers.base.modules.Transformer` (with ``"is_causal":
+    false`` in ``config.json``), so a saved model loads with plain ``SentenceTransformer(path)``, still bidirectional.
+
+    Padding: Qwen tokenizers pad on the right, which needs nothing special. For a left-padded batch the module passes
+    ``position_ids = cumsum(attention_mask) - 1`` so every text gets the rotary positions it has alone (the stock
+    module's default positions differ from that by < 1e-6, since RoPE is shift-invariant). A tokenizer without a
+    padding token gets its end-of-sequence token as padding.
+
+    Args:
+        model_name_or_path: Hub id or local directory of a decoder checkpoint (``*ForCausalLM`` or base model; the
+            LM head is not loaded).
+        max_seq_length: Truncation length in tokens (KaLM trains and evaluates at 512).
+        **kwargs: Any keyword of the stock ``Transformer`` (``model_kwargs``, ``processor_kwargs``, ...).
+    """
+
+    def __init__(self, model_name_or_path: str, *, max_seq_length: int | None = 512, **kwargs: Any) -> None:
+        require_bidirectional_support()
+        config_kwargs = kwargs.get("config_kwargs") or {}
+        if "is_causal" in config_kwargs:
+            # transformers drops unknown config kwargs; the flag is set on the loaded config below instead.
+            raise ValueError(
+                "Do not pass `is_causal` in `config_kwargs`: transformers drops it silently. "
+                "BidirectionalDecoder sets `config.is_causal = False` itself."
+            )
+        model_kwargs = kwargs.get("model_kwargs") or {}
+        config = AutoConfig.from_pretrained(
+            model_name_or_path,
+            **{k: v for k, v in model_kwargs.items() if k in ("revision", "token", "trust_remote_code")},
+        )
+        check_supported_config(config, source=str(model_name_or_path))
+        super().__init__(model_name_or_path, max_seq_length=max_seq_length, **kwargs)
+        self._make_bidirectional()
+
+    @classmethod
+    def from_transformer(cls, module: Transformer) -> BidirectionalDecoder:
+        """Promote an already loaded stock ``Transformer`` (e.g. from ``SentenceTransformer(path)``) in place.
+
+        The subclass adds behaviour only, no state, so the weights and tokenizer are shared, not copied.
+        """
+        require_bidirectional_support()
+        check_supported_config(module.auto_model.config, source=type(module.auto_model).__name__)
+        module.__class__ = cls
+        module._make_bidirectional()
+        return module
+
+    def _make_bidirectional(self) -> None:
+        self.auto_model.config.is_causal = False
+        tokenizer = self.tokenizer
+        if tokenizer is not None and tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(
+                    f"The tokenizer of {type(self.auto_model).__name__} has neither a padding nor an "
+                    "end-of-sequence token; set `tokenizer.pad_token` before building the model."
+                )
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def is_bidirectional(self) -> bool:
+        return getattr(self.auto_model.config, "is_causal", True) is False
+
+    def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        attention_mask = features.get("attention_mask")
+        if (
+            attention_mask is not None
+            and attention_mask.ndim == 2
+            and "position_ids" not in features
+            and not bool(attention_mask[:, 0].all())
+        ):
+            # Left padding: give each text the positions it has alone.
+            features["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return super().forward(features, **kwargs)
+
+
+BidirectionalQwen = BidirectionalDecoder
+"""The name used by the KaLM design documents; the same class serves every supported decoder."""
