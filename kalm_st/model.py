@@ -50,7 +50,9 @@ def _stock_class_ref(module: torch.nn.Module) -> tuple[str, str]:
     for cls in type(module).__mro__:
         if cls.__module__.startswith("sentence_transformers."):
             return f"{cls.__module__}.{cls.__name__}", cls.__name__
-    raise TypeError(f"{type(module).__name__} does not derive from a sentence-transformers module; cannot save it portably.")
+    raise TypeError(
+        f"{type(module).__name__} does not derive from a sentence-transformers module; cannot save it portably."
+    )
 
 
 def make_portable(path: str | os.PathLike[str]) -> None:
@@ -140,9 +142,7 @@ def _check_text_inputs(inputs: Any) -> None:
     if isinstance(inputs, (list, tuple)):
         for index, item in enumerate(inputs):
             if not isinstance(item, str):
-                raise TypeError(
-                    f"encode() expects strings, but item {index} is {type(item).__name__}: {item!r:.80}"
-                )
+                raise TypeError(f"encode() expects strings, but item {index} is {type(item).__name__}: {item!r:.80}")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -230,7 +230,9 @@ def build_model(
             source = os.fspath(backbone)
             _check_exists(source, "Backbone")
             if Path(source).is_dir() and not (Path(source) / "config.json").exists():
-                raise FileNotFoundError(f"Backbone folder {source!r} has no config.json: not a transformers checkpoint.")
+                raise FileNotFoundError(
+                    f"Backbone folder {source!r} has no config.json: not a transformers checkpoint."
+                )
         transformer = BidirectionalDecoder(source, max_seq_length=max_seq_length, model_kwargs=model_kwargs)
         pooling = MeanPooling(transformer.get_embedding_dimension(), include_prompt=include_prompt)
         model = KaLMSentenceTransformer(

@@ -9,6 +9,10 @@ import transformers
 from packaging.version import Version
 from sentence_transformers.base.modules import Transformer
 from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +43,9 @@ def check_supported_config(config: PretrainedConfig, source: str = "the backbone
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     architectures = ", ".join(getattr(config, "architectures", None) or [str(model_type)])
-    is_decoder_config = getattr(config, "is_decoder", False) or any(
-        arch.endswith("ForCausalLM") for arch in (getattr(config, "architectures", None) or [])
+    # A causal-LM family that is not also a masked-LM family (BERT is both) is a decoder.
+    is_decoder_config = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in (
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES
     )
     hint = (
         "it is a decoder kalm-st has not verified as bidirectional"
