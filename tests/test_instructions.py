@@ -68,10 +68,9 @@ def test_task_type_fallback():
 
 
 def test_prompts_follow_mtebs_lookup_order():
+    import mteb
     from mteb.models.abs_encoder import get_prompt
     from mteb.types import PromptType
-
-    import mteb
 
     prompts = build_prompts()
     sts = mteb.get_task("STSBenchmark").metadata

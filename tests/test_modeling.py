@@ -29,8 +29,7 @@ from transformers import (
 
 import kalm_st
 from kalm_st import build_model, load_model, testing
-from kalm_st.modules import SUPPORTED_MODEL_TYPES, BidirectionalDecoder, MeanPooling
-from kalm_st.modules import bidirectional_decoder
+from kalm_st.modules import SUPPORTED_MODEL_TYPES, BidirectionalDecoder, MeanPooling, bidirectional_decoder
 from tests.reference_qwen2 import reference_embeddings
 
 SENTENCES = ["A man is playing a guitar.", "Two dogs run.", "How do I reset my card PIN?"]
