@@ -26,10 +26,18 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from kalm_st import build_model, load_model, testing  # noqa: E402
 
 SIZES = {
-    "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                  num_key_value_heads=2),
-    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, rope_theta=1_000_000.0, tie_word_embeddings=True),
+    "small": dict(
+        hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2
+    ),
+    "qwen2-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 

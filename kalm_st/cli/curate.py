@@ -1,0 +1,181 @@
+"""``kalm-st mine | filter | label | teacher-score``: the curation tools of :mod:`kalm_st.data.curation` on files.
+
+Each reads training data (jsonl/csv/parquet, see :mod:`kalm_st.data.formats`), applies the tool per task and writes
+one output file atomically (a ``task`` column keeps the tasks apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def _common(parser: argparse.ArgumentParser, model_help: str | None = "embedding model (path or Hub id)") -> None:
+    parser.add_argument("input", nargs="+", help="training data file(s)")
+    parser.add_argument("-o", "--output", required=True, help="output file (.jsonl, .csv or .parquet)")
+    if model_help:
+        parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size")
+    parser.add_argument("--device", default=None, help="torch device (default: auto)")
+    parser.add_argument(
+        "--no-instructions",
+        action="store_true",
+        help="do not prefix texts with each task's KaLM instruction (kalm_st.instructions) while encoding",
+    )
+
+
+def _prompts(task: str, args: argparse.Namespace) -> tuple[str | None, str | None]:
+    if args.no_instructions:
+        return None, None
+    from kalm_st.instructions import training_prompt
+
+    query_prompt, document_prompt = training_prompt(task)
+    return query_prompt or None, document_prompt or None
+
+
+def _load_model(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(args.model, device=args.device)
+
+
+def _mine(args: argparse.Namespace) -> int:
+    from datasets import DatasetDict
+
+    from kalm_st.data import load_training_data, mine_hard_negatives, write_training_data
+
+    data, model, out = load_training_data(args.input), _load_model(args), DatasetDict()
+    for task, dataset in data.items():
+        query_prompt, corpus_prompt = _prompts(task, args)
+        out[task] = mine_hard_negatives(
+            dataset,
+            model,
+            range_min=args.range_min,
+            range_max=args.range_max,
+            num_negatives=args.num_negatives,
+            sampling_strategy=args.sampling,
+            query_prompt=query_prompt,
+            corpus_prompt=corpus_prompt,
+            output_scores=args.scores,
+            batch_size=args.batch_size,
+            use_faiss=args.faiss,
+            cache_folder=args.cache_dir,
+            seed=args.seed,
+        )
+        logger.info(
+            "mine: task %r: %d of %d rows with %d negatives", task, len(out[task]), len(dataset), args.num_negatives
+        )
+    write_training_data(out, args.output)
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from datasets import DatasetDict
+
+    from kalm_st.data import filter_by_rank, load_training_data, write_training_data
+
+    data, model, out = load_training_data(args.input), _load_model(args), DatasetDict()
+    total = dropped = 0
+    for task, dataset in data.items():
+        query_prompt, corpus_prompt = _prompts(task, args)
+        out[task], report = filter_by_rank(
+            dataset, model, top_k=args.top_k, query_prompt=query_prompt, corpus_prompt=corpus_prompt,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+        logger.info("filter: task %r: %s", task, report)
+        total, dropped = total + report.total, dropped + report.dropped
+    print(f"filter: dropped {dropped} of {total} rows whose positive is not in the top {args.top_k}")  # noqa: T201
+    write_training_data(out, args.output)
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from datasets import DatasetDict, load_dataset
+
+    from kalm_st.data import label_examples, write_training_data
+    from kalm_st.data.formats import _FORMATS
+
+    out = DatasetDict()
+    for path in args.input:
+        suffix = "." + path.rsplit(".", 1)[-1].lower()
+        if suffix not in _FORMATS:
+            raise ValueError(f"{path}: unsupported format {suffix!r}")
+        builder, kwargs = _FORMATS[suffix]
+        raw = load_dataset(builder, data_files=path, split="train", **kwargs)
+        labelled = label_examples(
+            raw, text_column=args.text_column, label_column=args.label_column, num_negatives=args.num_negatives,
+            seed=args.seed,
+        )  # fmt: skip
+        out[args.task] = labelled if args.task not in out else _concat(out[args.task], labelled)
+    write_training_data(out, args.output)
+    print(  # noqa: T201
+        f"label: {len(out[args.task])} rows for task {args.task!r}; train it with "
+        f'task_types={{"{args.task}": "Classification"}} (instruction on every column) and no in-batch negatives'
+    )
+    return 0
+
+
+def _concat(a, b):  # noqa: ANN001, ANN202
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets([a, b])
+
+
+def _teacher_score(args: argparse.Namespace) -> int:
+    from datasets import DatasetDict
+
+    from kalm_st.data import load_training_data, score_with_teacher, write_training_data
+
+    data = load_training_data(args.input)
+    if args.cross_encoder:
+        from sentence_transformers import CrossEncoder
+
+        teacher = CrossEncoder(args.model, device=args.device)
+    else:
+        teacher = _load_model(args)
+    out = DatasetDict()
+    for task, dataset in data.items():
+        query_prompt, document_prompt = _prompts(task, args) if not args.cross_encoder else (None, None)
+        out[task] = score_with_teacher(
+            dataset, teacher, query_prompt=query_prompt, document_prompt=document_prompt,
+            batch_size=args.batch_size, cache_dir=args.cache_dir, teacher_id=args.teacher_id,
+        )  # fmt: skip
+    write_training_data(out, args.output)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    mine = subparsers.add_parser("mine", help="mine hard negatives (KaLM: ranks 50-100, 7 negatives, random)")
+    _common(mine, "the previous-stage embedding model")
+    mine.add_argument("--range-min", type=int, default=50)
+    mine.add_argument("--range-max", type=int, default=100)
+    mine.add_argument("--num-negatives", type=int, default=7)
+    mine.add_argument("--sampling", choices=["random", "top"], default="random")
+    mine.add_argument("--scores", action="store_true", help="store the miner's scores in the label column")
+    mine.add_argument("--faiss", action="store_true", help="use faiss for retrieval (needs faiss installed)")
+    mine.add_argument("--cache-dir", default=None, help="cache embeddings here")
+    mine.add_argument("--seed", type=int, default=0)
+    mine.set_defaults(func=_mine)
+
+    filt = subparsers.add_parser("filter", help="drop examples whose positive is not in the top k (default 50)")
+    _common(filt)
+    filt.add_argument("--top-k", type=int, default=50)
+    filt.set_defaults(func=_filter)
+
+    label = subparsers.add_parser("label", help="labelled texts -> (text, same-class example, other-class examples)")
+    _common(label, model_help=None)
+    label.add_argument("--task", required=True, help="task name (its instruction comes from the KaLM table)")
+    label.add_argument("--text-column", default="text")
+    label.add_argument("--label-column", default="label")
+    label.add_argument("--num-negatives", type=int, default=7)
+    label.add_argument("--seed", type=int, default=0)
+    label.set_defaults(func=_label)
+
+    teacher = subparsers.add_parser("teacher-score", help="teacher scores of positive + negatives into 'label'")
+    _common(teacher, "teacher model (SentenceTransformer, or CrossEncoder with --cross-encoder)")
+    teacher.add_argument("--cross-encoder", action="store_true", help="load the teacher as a CrossEncoder")
+    teacher.add_argument("--cache-dir", default=".kalm_cache/teacher_scores", help="score cache folder")
+    teacher.add_argument("--teacher-id", default=None, help="teacher identity for the cache key")
+    teacher.set_defaults(func=_teacher_score)

@@ -1,0 +1,430 @@
+"""Training-data format: read jsonl / csv / parquet with ``datasets``, validate, normalise to ST's column layout.
+
+Input columns (one row per training example):
+
+- ``anchor`` (or ``query``): the query text;
+- ``positive``: the positive document;
+- hard negatives, either a list column ``negatives`` (in CSV a JSON-encoded list), or ``negative_1 .. negative_n``,
+  or a single ``negative`` (sentence-transformers' triplet layout);
+- ``task`` (optional): the task name; rows are split into one dataset per task (default: ``default_task``, else the
+  file's stem);
+- ``instruction`` (optional): a per-row instruction; ``format_instruction(instruction)`` is prepended to the anchor;
+- ``label`` or ``teacher_scores`` (optional): teacher scores of ``[positive, negative_1, .., negative_n]``.
+
+Output: a ``datasets.DatasetDict`` keyed by task, each with the columns ``anchor, positive, negative_1..negative_n
+[, label]`` in that order (the layout sentence-transformers' losses read; ``label`` is the column name ST's data
+collator treats as labels). Per-task instructions are *not* baked into the texts: :func:`build_training_prompts`
+builds the nested ``prompts`` dict for ``SentenceTransformerTrainingArguments(prompts=...)``, so the same data can be
+trained with other instructions.
+
+Every problem is collected before anything trains and reported at once by :class:`DataValidationError`, one line per
+problem naming the file, the 0-based row index and the column.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from kalm_st.instructions import format_instruction, training_prompt
+
+logger = logging.getLogger(__name__)
+
+ANCHOR_ALIASES: tuple[str, ...] = ("anchor", "query")
+TEACHER_SCORE_ALIASES: tuple[str, ...] = ("label", "teacher_scores")
+SINGLE_TEXT_TASK_TYPES: frozenset[str] = frozenset({"Classification", "MultilabelClassification", "Clustering"})
+"""Task types whose every text is embedded with the task instruction at evaluation (mteb), so in training too."""
+
+_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"sep": "\t"}),
+    ".parquet": ("parquet", {}),
+}
+_MAX_REPORTED = 20
+
+
+class DataValidationError(ValueError):
+    """Bad training data; ``problems`` lists every problem found as ``"file: row i: column 'c': what"``."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        shown = self.problems[:_MAX_REPORTED]
+        more = len(self.problems) - len(shown)
+        lines = "\n  ".join(shown) + (f"\n  ... and {more} more" if more > 0 else "")
+        super().__init__(f"{len(self.problems)} problem(s) in the training data:\n  {lines}")
+
+
+def negative_columns(n: int) -> list[str]:
+    """``["negative_1", ..., "negative_n"]``."""
+    return [f"negative_{i}" for i in range(1, n + 1)]
+
+
+def _read_file(path: Path) -> Dataset:
+    if not path.is_file():
+        raise FileNotFoundError(f"Training data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in _FORMATS:
+        raise ValueError(f"{path}: unsupported format {suffix!r}; use one of {sorted(_FORMATS)}")
+    builder, kwargs = _FORMATS[suffix]
+    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_list(value: Any) -> Any:
+    """A list column value; CSV files carry lists as JSON strings."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _row_negatives(row: Mapping[str, Any], neg_columns: Sequence[str], list_column: str | None) -> list[Any]:
+    if list_column is not None:
+        value = _as_list(row[list_column])
+        if _is_missing(value):
+            return []
+        return list(value) if isinstance(value, list | tuple) else [value]
+    values = [row[c] for c in neg_columns]
+    # negative_k columns of a file mixing tasks with different counts hold null/empty for the missing ones
+    while values and (_is_missing(values[-1]) or values[-1] == ""):
+        values.pop()
+    return values
+
+
+def _sorted_negative_columns(columns: Iterable[str]) -> list[str]:
+    numbered = [c for c in columns if c.startswith("negative_") and c[len("negative_") :].isdigit()]
+    numbered.sort(key=lambda c: int(c[len("negative_") :]))
+    if not numbered and "negative" in columns:
+        return ["negative"]
+    return numbered
+
+
+def normalize_dataset(
+    dataset: Dataset,
+    *,
+    source: str = "<dataset>",
+    default_task: str = "default",
+    require_negatives: bool = False,
+    num_negatives: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[DatasetDict, list[str]]:
+    """Normalise one in-memory dataset; returns ``(DatasetDict by task, problems)`` (problems empty when valid).
+
+    See :func:`load_training_data` for the arguments; ``source`` names the data in the messages.
+    """
+    columns = dataset.column_names
+    problems: list[str] = []
+    anchor_col = next((c for c in ANCHOR_ALIASES if c in columns), None)
+    if anchor_col is None:
+        problems.append(f"{source}: missing column: need one of {list(ANCHOR_ALIASES)} (have {columns})")
+    if "positive" not in columns:
+        problems.append(f"{source}: missing column 'positive' (have {columns})")
+    if problems:
+        return DatasetDict(), problems
+
+    list_column = "negatives" if "negatives" in columns else None
+    neg_columns = [] if list_column else _sorted_negative_columns(columns)
+    has_negatives = bool(list_column or neg_columns)
+    if require_negatives and not has_negatives:
+        problems.append(f"{source}: missing column: negatives are required ('negatives' or 'negative_1..n')")
+        return DatasetDict(), problems
+    score_col = next((c for c in TEACHER_SCORE_ALIASES if c in columns), None)
+    task_col = "task" if "task" in columns else None
+    instruction_col = "instruction" if "instruction" in columns else None
+
+    rows: dict[str, dict[str, list[Any]]] = {}
+    first_row: dict[str, int] = {}
+    neg_counts: dict[str, int] = {}
+    for index, row in enumerate(dataset):
+        where = f"{source}: row {index}"
+        task = row[task_col] if task_col else default_task
+        if _is_missing(task) or task == "":
+            task = default_task
+        task = str(task)
+        anchor, positive = row[anchor_col], row["positive"]
+        row_ok = True
+        for column, value in ((anchor_col, anchor), ("positive", positive)):
+            if _is_missing(value) or not isinstance(value, str) or not value.strip():
+                problems.append(f"{where}: column {column!r}: empty or not a string ({value!r})")
+                row_ok = False
+        negatives = _row_negatives(row, neg_columns, list_column) if has_negatives else []
+        neg_label = list_column or "negative_1..n"
+        for k, negative in enumerate(negatives):
+            if _is_missing(negative) or not isinstance(negative, str) or not negative.strip():
+                problems.append(f"{where}: column {neg_label!r}: negative {k + 1} is empty or not a string")
+                row_ok = False
+        if num_negatives is not None and len(negatives) > num_negatives:
+            negatives = negatives[:num_negatives]
+        if require_negatives and not negatives:
+            problems.append(f"{where}: column {neg_label!r}: no negatives, but negatives are required")
+            row_ok = False
+        if task in neg_counts and negatives and len(negatives) != neg_counts[task] and row_ok:
+            problems.append(
+                f"{where}: column {neg_label!r}: ragged negatives: {len(negatives)} here, {neg_counts[task]} in "
+                f"row {first_row[task]} of task {task!r} (every row of a task needs the same number)"
+            )
+            row_ok = False
+        scores = None
+        if score_col is not None:
+            scores = _as_list(row[score_col])
+            expected = 1 + len(negatives)
+            if not isinstance(scores, list | tuple) or len(scores) < expected:
+                problems.append(
+                    f"{where}: column {score_col!r}: teacher scores must be a list of {expected} numbers "
+                    f"(positive + {len(negatives)} negatives), got {scores!r}"
+                )
+                row_ok = False
+            else:
+                scores = list(scores)[:expected] if num_negatives is not None else list(scores)
+                if len(scores) != expected:
+                    problems.append(
+                        f"{where}: column {score_col!r}: ragged teacher scores: {len(scores)} values for "
+                        f"{expected} texts"
+                    )
+                    row_ok = False
+                elif any(not isinstance(s, int | float) or _is_missing(s) or math.isinf(s) for s in scores):
+                    problems.append(f"{where}: column {score_col!r}: NaN, infinite or non-numeric score in {scores}")
+                    row_ok = False
+        if not row_ok:
+            continue
+        if instruction_col and isinstance(row[instruction_col], str) and row[instruction_col].strip():
+            anchor = format_instruction(row[instruction_col].strip()) + anchor
+        if task not in rows:
+            rows[task] = {"anchor": [], "positive": [], "negatives": [], "label": []}
+            first_row[task] = index
+            neg_counts[task] = len(negatives)
+        if negatives and neg_counts[task] == 0:
+            problems.append(
+                f"{where}: column {neg_label!r}: ragged negatives: {len(negatives)} here, 0 in row "
+                f"{first_row[task]} of task {task!r}"
+            )
+            continue
+        if not negatives and neg_counts[task] > 0:
+            problems.append(
+                f"{where}: column {neg_label!r}: ragged negatives: 0 here, {neg_counts[task]} in row "
+                f"{first_row[task]} of task {task!r}"
+            )
+            continue
+        bucket = rows[task]
+        bucket["anchor"].append(anchor)
+        bucket["positive"].append(positive)
+        bucket["negatives"].append(negatives)
+        bucket["label"].append([float(s) for s in scores] if scores is not None else None)
+
+    result = DatasetDict()
+    for task, bucket in rows.items():
+        n_rows = len(bucket["anchor"])
+        if batch_size is not None and n_rows < batch_size:
+            problems.append(
+                f"{source}: task {task!r}: {n_rows} valid row(s), fewer than one batch of {batch_size}; "
+                "add data, lower the batch size or merge the task into another"
+            )
+            continue
+        data: dict[str, list[Any]] = {"anchor": bucket["anchor"], "positive": bucket["positive"]}
+        for k, column in enumerate(negative_columns(neg_counts[task])):
+            data[column] = [negs[k] for negs in bucket["negatives"]]
+        if score_col is not None:
+            data["label"] = bucket["label"]
+        result[task] = Dataset.from_dict(data)
+    return result, problems
+
+
+def load_training_data(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    default_task: str | None = None,
+    require_negatives: bool = False,
+    num_negatives: int | None = None,
+    batch_size: int | None = None,
+) -> DatasetDict:
+    """Read, validate and normalise training files into ``DatasetDict({task: Dataset(anchor, positive,
+    negative_1..n[, label])})``.
+
+    Args:
+        paths: One or more ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` files. Rows of the same task from
+            several files are concatenated (they must then have the same number of negatives).
+        default_task: Task of rows without a ``task`` column/value; default: the file's stem.
+        require_negatives: Every row must have at least one hard negative (fine-tuning / distillation stages).
+        num_negatives: Keep the first ``num_negatives`` negatives of each row (and teacher scores accordingly);
+            rows with fewer are still an error (ragged).
+        batch_size: Every task needs at least this many rows (pass the *global* batch size, per-device batch size
+            times the number of processes, when training task-homogeneous batches).
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        DataValidationError: (a ``ValueError``) listing every problem found, each with file, row and column.
+    """
+    path_list = [Path(paths)] if isinstance(paths, str | os.PathLike) else [Path(p) for p in paths]
+    problems: list[str] = []
+    parts: dict[str, list[Dataset]] = {}
+    for path in path_list:
+        dataset = _read_file(path)
+        normalized, file_problems = normalize_dataset(
+            dataset,
+            source=str(path),
+            default_task=default_task or path.stem,
+            require_negatives=require_negatives,
+            num_negatives=num_negatives,
+        )
+        problems.extend(file_problems)
+        for task, part in normalized.items():
+            parts.setdefault(task, []).append(part)
+    result = DatasetDict()
+    for task, datasets_of_task in parts.items():
+        if len({tuple(d.column_names) for d in datasets_of_task}) > 1:
+            layouts = [d.column_names for d in datasets_of_task]
+            problems.append(f"task {task!r}: files disagree on the columns (ragged negatives across files): {layouts}")
+            continue
+        from datasets import concatenate_datasets
+
+        merged = concatenate_datasets(datasets_of_task) if len(datasets_of_task) > 1 else datasets_of_task[0]
+        if batch_size is not None and len(merged) < batch_size:
+            problems.append(
+                f"task {task!r} ({', '.join(map(str, path_list))}): {len(merged)} row(s), fewer than one batch of "
+                f"{batch_size}; add data, lower the batch size or merge the task into another"
+            )
+            continue
+        result[task] = merged
+    if problems:
+        raise DataValidationError(problems)
+    return result
+
+
+def validate_training_data(
+    data: Dataset | DatasetDict,
+    *,
+    require_negatives: bool = False,
+    batch_size: int | None = None,
+    source: str = "<dataset>",
+) -> DatasetDict:
+    """Validate data already in memory (e.g. from the curation tools); returns it normalised as a ``DatasetDict``.
+
+    A ``Dataset`` with a ``task`` column is split by task; a ``DatasetDict`` keeps its keys as task names.
+    """
+    items = data.items() if isinstance(data, DatasetDict) else [(None, data)]
+    problems: list[str] = []
+    result = DatasetDict()
+    for name, dataset in items:
+        normalized, part_problems = normalize_dataset(
+            dataset,
+            source=f"{source}[{name}]" if name is not None else source,
+            default_task=name or "default",
+            require_negatives=require_negatives,
+            batch_size=batch_size,
+        )
+        problems.extend(part_problems)
+        result.update(normalized)
+    if problems:
+        raise DataValidationError(problems)
+    return result
+
+
+def build_training_prompts(
+    data: DatasetDict | Iterable[str],
+    task_types: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, str]]:
+    """The nested ``prompts`` dict for ``SentenceTransformerTrainingArguments(prompts=...)``.
+
+    ``{task: {"anchor": query_prompt, "positive": document_prompt, "negative_1": document_prompt, ...}}``, with the
+    prompts of :func:`kalm_st.instructions.training_prompt` (the one KaLM instruction table). Tasks whose type (from
+    ``task_types``) is a single-text type (classification, clustering: e.g. the output of
+    :func:`kalm_st.data.curation.label_examples`) get the instruction on every column, as mteb embeds every text of
+    such a task with it. Empty prompts are left out (ST then adds nothing).
+
+    Note: ST's collator picks the prompts of a batch from its *first* row's task, so batches mixing tasks
+    (``homogeneous_ratio < 1``) give every row that task's prompts.
+    """
+    task_types = dict(task_types or {})
+    if isinstance(data, DatasetDict):
+        columns_of = {task: data[task].column_names for task in data}
+    else:
+        columns_of = {task: None for task in data}
+    prompts: dict[str, dict[str, str]] = {}
+    for task, columns in columns_of.items():
+        task_type = task_types.get(task)
+        query_prompt, document_prompt = training_prompt(task, task_type)
+        if task_type in SINGLE_TEXT_TASK_TYPES:
+            document_prompt = query_prompt
+        if columns is None:
+            columns = ["anchor", "positive", *negative_columns(64)]
+        entry: dict[str, str] = {}
+        for column in columns:
+            if column == "anchor":
+                prompt = query_prompt
+            elif column == "positive" or column.startswith("negative"):
+                prompt = document_prompt
+            else:
+                continue
+            if prompt:
+                entry[column] = prompt
+        prompts[task] = entry
+    return prompts
+
+
+def write_training_data(data: Dataset | DatasetDict, path: str | os.PathLike[str]) -> Path:
+    """Write normalised data to one ``.jsonl``/``.csv``/``.parquet`` file, atomically (temp file + rename).
+
+    A ``DatasetDict`` is written with a ``task`` column, which :func:`load_training_data` splits again.
+    """
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+        raise ValueError(f"{target}: unsupported output format {suffix!r}; use .jsonl, .csv or .parquet")
+    if isinstance(data, DatasetDict):
+        import pandas as pd
+
+        frames = []
+        for task, dataset in data.items():
+            frame = dataset.to_pandas()
+            frame.insert(0, "task", task)
+            frames.append(frame)
+        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    else:
+        frame = data.to_pandas()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        if suffix in (".jsonl", ".json"):
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        elif suffix == ".csv":
+            for column in frame.columns:
+                if frame[column].map(lambda v: isinstance(v, list | tuple) or hasattr(v, "tolist")).any():
+                    frame[column] = frame[column].map(lambda v: json.dumps(list(v)) if v is not None else None)
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+__all__ = [
+    "ANCHOR_ALIASES",
+    "SINGLE_TEXT_TASK_TYPES",
+    "TEACHER_SCORE_ALIASES",
+    "DataValidationError",
+    "build_training_prompts",
+    "load_training_data",
+    "negative_columns",
+    "normalize_dataset",
+    "validate_training_data",
+    "write_training_data",
+]

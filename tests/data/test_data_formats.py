@@ -1,0 +1,178 @@
+"""Training-data format: reading jsonl/csv/parquet, normalisation to ST's layout, validation errors, prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from datasets import Dataset, DatasetDict
+
+from kalm_st.data import (
+    DataValidationError,
+    build_training_prompts,
+    load_training_data,
+    validate_training_data,
+    write_training_data,
+)
+from kalm_st.instructions import format_instruction, training_prompt
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf8")
+    return path
+
+
+ROWS = [
+    {"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}a", f"n{i}b"], "task": "A" if i < 4 else "B"}
+    for i in range(8)
+]
+
+
+def test_jsonl_list_negatives_split_by_task(tmp_path: Path) -> None:
+    data = load_training_data(_write_jsonl(tmp_path / "d.jsonl", ROWS))
+    assert isinstance(data, DatasetDict) and list(data) == ["A", "B"]
+    assert data["A"].column_names == ["anchor", "positive", "negative_1", "negative_2"]
+    assert data["B"][0] == {"anchor": "q4", "positive": "p4", "negative_1": "n4a", "negative_2": "n4b"}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_numbered_negative_columns_and_scores_all_formats(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame(
+        {
+            "anchor": ["a0", "a1"],
+            "positive": ["p0", "p1"],
+            "negative_2": ["y0", "y1"],  # out of order on purpose: output is negative_1, negative_2
+            "negative_1": ["x0", "x1"],
+            "teacher_scores": [[0.9, 0.2, 0.1], [0.8, 0.3, 0.0]],
+        }
+    )
+    path = tmp_path / f"mytask{suffix}"
+    if suffix == ".csv":
+        frame["teacher_scores"] = frame["teacher_scores"].map(json.dumps)
+        frame.to_csv(path, index=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    data = load_training_data(path)
+    assert list(data) == ["mytask"]  # task from the file stem
+    ds = data["mytask"]
+    assert ds.column_names == ["anchor", "positive", "negative_1", "negative_2", "label"]
+    assert ds["negative_1"] == ["x0", "x1"]
+    assert ds[1]["label"] == pytest.approx([0.8, 0.3, 0.0])
+
+
+def test_per_row_instruction_prepended(tmp_path: Path) -> None:
+    rows = [
+        {"anchor": "how?", "positive": "so.", "instruction": "Find the answer"},
+        {"anchor": "why?", "positive": "because."},
+    ]
+    ds = load_training_data(_write_jsonl(tmp_path / "t.jsonl", rows))["t"]
+    assert ds["anchor"] == [format_instruction("Find the answer") + "how?", "why?"]
+
+
+def test_round_trip_write_and_load(tmp_path: Path) -> None:
+    data = load_training_data(_write_jsonl(tmp_path / "d.jsonl", ROWS))
+    for suffix in (".jsonl", ".parquet", ".csv"):
+        again = load_training_data(write_training_data(data, tmp_path / f"out{suffix}"))
+        assert list(again) == list(data)
+        for task in data:
+            assert again[task].to_list() == data[task].to_list()
+
+
+def _errors(tmp_path: Path, rows: list[dict], **kwargs) -> list[str]:
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataValidationError) as info:
+        load_training_data(path, **kwargs)
+    assert str(path) in str(info.value)
+    return info.value.problems
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    problems = _errors(tmp_path, [{"query": "q", "pos": "p"}])
+    assert any("missing column 'positive'" in p for p in problems)
+    problems = _errors(tmp_path, [{"text": "q", "positive": "p"}])
+    assert any("missing column" in p and "anchor" in p for p in problems)
+
+
+def test_empty_positive_names_row_and_column(tmp_path: Path) -> None:
+    rows = [{"anchor": "a", "positive": "p"}, {"anchor": "b", "positive": "  "}, {"anchor": "c", "positive": None}]
+    problems = _errors(tmp_path, rows)
+    assert len(problems) == 2
+    assert "row 1: column 'positive'" in problems[0] and "row 2: column 'positive'" in problems[1]
+
+
+def test_negatives_required(tmp_path: Path) -> None:
+    problems = _errors(tmp_path, [{"anchor": "a", "positive": "p"}], require_negatives=True)
+    assert "negatives are required" in problems[0]
+    rows = [{"anchor": "a", "positive": "p", "negatives": ["n"]}, {"anchor": "b", "positive": "q", "negatives": []}]
+    problems = _errors(tmp_path, rows, require_negatives=True)
+    assert len(problems) == 1 and "row 1: column 'negatives': no negatives" in problems[0]
+
+
+def test_ragged_negatives(tmp_path: Path) -> None:
+    rows = [
+        {"anchor": "a", "positive": "p", "negatives": ["n1", "n2"]},
+        {"anchor": "b", "positive": "q", "negatives": ["n1"]},
+    ]
+    problems = _errors(tmp_path, rows)
+    assert len(problems) == 1 and "row 1" in problems[0] and "ragged negatives" in problems[0]
+    # truncating to the common count is explicit
+    data = load_training_data(tmp_path / "bad.jsonl", num_negatives=1)
+    assert data["bad"].column_names == ["anchor", "positive", "negative_1"]
+
+
+def test_bad_teacher_scores(tmp_path: Path) -> None:
+    rows = [
+        {"anchor": "a", "positive": "p", "negatives": ["n"], "label": [0.5, 0.1]},
+        {"anchor": "b", "positive": "q", "negatives": ["n"], "label": [0.5, math.nan]},
+        {"anchor": "c", "positive": "r", "negatives": ["n"], "label": [0.5]},
+    ]
+    path = tmp_path / "bad.jsonl"
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)  # writes NaN as null
+    with pytest.raises(DataValidationError) as info:
+        load_training_data(path)
+    problems = info.value.problems
+    assert len(problems) == 2
+    assert "row 1: column 'label'" in problems[0] and "NaN" in problems[0]
+    assert "row 2: column 'label'" in problems[1] and "2 numbers" in problems[1]
+
+
+def test_task_smaller_than_batch(tmp_path: Path) -> None:
+    problems = _errors(tmp_path, ROWS, batch_size=5)
+    assert len(problems) == 2 and "task 'A'" in problems[0] and "fewer than one batch of 5" in problems[0]
+
+
+def test_missing_file_and_format(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_training_data(tmp_path / "nope.jsonl")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="unsupported format"):
+        load_training_data(tmp_path / "x.txt")
+
+
+def test_validate_in_memory() -> None:
+    ds = Dataset.from_dict({"anchor": ["a", "b"], "positive": ["p", ""]})
+    with pytest.raises(DataValidationError, match=r"mined\[T\]: row 1: column 'positive'"):
+        validate_training_data(DatasetDict({"T": ds}), source="mined")
+
+
+def test_build_training_prompts() -> None:
+    data = DatasetDict(
+        {
+            "TrecQARetrieval": Dataset.from_dict({"anchor": ["q"], "positive": ["p"], "negative_1": ["n"]}),
+            "STSBenchmark": Dataset.from_dict({"anchor": ["q"], "positive": ["p"]}),
+            "Banking77Classification": Dataset.from_dict({"anchor": ["q"], "positive": ["p"], "negative_1": ["n"]}),
+        }
+    )
+    prompts = build_training_prompts(data, task_types={"Banking77Classification": "Classification"})
+    retrieval_q, retrieval_d = training_prompt("TrecQARetrieval")
+    assert retrieval_d == ""
+    assert prompts["TrecQARetrieval"] == {"anchor": retrieval_q}  # documents get no prompt
+    sts_q, sts_d = training_prompt("STSBenchmark")
+    assert sts_q == sts_d and prompts["STSBenchmark"] == {"anchor": sts_q, "positive": sts_q}
+    bank_q, _ = training_prompt("Banking77Classification")
+    assert prompts["Banking77Classification"] == {"anchor": bank_q, "positive": bank_q, "negative_1": bank_q}

@@ -1,0 +1,169 @@
+"""Task-homogeneous, rank-aware batch sampler: unit checks and a real 2-process gloo run through the ST trainer."""
+
+from __future__ import annotations
+
+import os
+import socket
+from bisect import bisect_right
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from datasets import Dataset, DatasetDict
+from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
+
+from kalm_st.data import build_training_prompts
+from kalm_st.sampling import TaskHomogeneousBatchSampler
+
+SIZES = {"A": 40, "B": 24, "C": 17}
+
+
+def _datasets(sizes: dict[str, int] = SIZES) -> DatasetDict:
+    return DatasetDict(
+        {
+            task: Dataset.from_dict(
+                {
+                    "anchor": [f"{task}{i} " + "x" * (i % 7) for i in range(n)],
+                    "positive": [f"{task}p{i}" for i in range(n)],
+                }
+            )
+            for task, n in sizes.items()
+        }
+    )
+
+
+def _sampler(batch_size: int = 4, data: DatasetDict | None = None, **kwargs) -> TaskHomogeneousBatchSampler:
+    data = data or _datasets()
+    concat = ConcatDataset(list(data.values()))
+    children = [BatchSampler(SequentialSampler(d), batch_size, drop_last=False) for d in data.values()]
+    return TaskHomogeneousBatchSampler(concat, children, seed=7, task_names=list(data), **kwargs)
+
+
+def _task_of(index: int, sizes: list[int]) -> int:
+    offsets = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    return bisect_right(offsets, index)
+
+
+def test_global_batches_are_homogeneous_full_and_deterministic() -> None:
+    sampler = _sampler(batch_size=4, world_size=2)
+    batches = list(sampler)
+    sizes = list(SIZES.values())
+    assert len(batches) == len(sampler) == 2 * (40 // 8 + 24 // 8 + 17 // 8)
+    assert all(len(b) == 4 for b in batches)
+    flat = [i for b in batches for i in b]
+    assert len(set(flat)) == len(flat)  # no row twice in an epoch
+    for step in range(0, len(batches), 2):
+        tasks = {_task_of(i, sizes) for b in batches[step : step + 2] for i in b}
+        assert len(tasks) == 1
+    assert list(_sampler(batch_size=4, world_size=2)) == batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_homogeneous_ratio_mixes_other_tasks_after_the_step_task() -> None:
+    sampler = _sampler(batch_size=8, world_size=2, homogeneous_ratio=0.75)
+    sizes = list(SIZES.values())
+    batches = list(sampler)
+    assert len(batches) == 2 * (40 // 12 + 24 // 12 + 17 // 12)
+    for step in range(0, len(batches), 2):
+        main = {_task_of(i, sizes) for b in batches[step : step + 2] for i in b[:6]}
+        assert len(main) == 1
+        for b in batches[step : step + 2]:
+            assert len(b) == 8 and len(set(b)) == 8
+            assert all(_task_of(i, sizes) not in main for i in b[6:])  # 2 of 8 from other tasks
+
+
+def test_length_aware_groups_similar_lengths() -> None:
+    data = _datasets({"A": 400, "B": 200})
+    plain = list(_sampler(batch_size=8, data=data))
+    aware = list(_sampler(batch_size=8, data=data, length_aware=True, length_window=50))
+    lengths = [len(t) for d in data.values() for t in d["anchor"]]
+
+    def spread(batches: list[list[int]]) -> float:
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    assert sorted(i for b in aware for i in b) == sorted(i for b in plain for i in b)
+    assert spread(aware) < 0.5 * spread(plain)
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="homogeneous_ratio"):
+        _sampler(homogeneous_ratio=0.0)
+    with pytest.raises(ValueError, match="same columns"):
+        data = _datasets()
+        data["C"] = data["C"].add_column("negative_1", ["n"] * 17)
+        _sampler(data=data, homogeneous_ratio=0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real 2-process gloo run: the ST trainer builds the sampler and accelerate shards its batches across the ranks.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, model_dir: str, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.base.sampler import MultiDatasetBatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    model = SentenceTransformer(model_dir, device="cpu")
+    data = _datasets()
+    sizes = list(SIZES.values())
+    results = {}
+    for name, sampler in (
+        ("kalm", TaskHomogeneousBatchSampler.configure(homogeneous_ratio=0.75)),
+        ("st_proportional", MultiDatasetBatchSamplers.PROPORTIONAL),
+    ):
+        args = SentenceTransformerTrainingArguments(
+            output_dir=os.path.join(out_dir, name), per_device_train_batch_size=4, use_cpu=True, seed=3,
+            multi_dataset_batch_sampler=sampler, report_to=[], ddp_backend="gloo", prompts=build_training_prompts(data),
+        )  # fmt: skip
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=data, loss=MultipleNegativesRankingLoss(model)
+        )
+        loader = trainer.get_train_dataloader()
+        assert torch.distributed.get_world_size() == world_size
+        # the indices this rank trains on at each step (accelerate's BatchSamplerShard: batch i -> rank i % ws)
+        main_rows = 3 if name == "kalm" else 4
+        step_tasks = [sorted({_task_of(i, sizes) for i in batch[:main_rows]}) for batch in loader.batch_sampler]
+        gathered: list = [None] * world_size
+        torch.distributed.all_gather_object(gathered, step_tasks)
+        if name == "kalm":  # the first row's task is what the collator / loss see
+            first_batch = next(iter(loader))
+            assert first_batch["dataset_name"] == list(SIZES)[step_tasks[0][0]]
+        results[name] = gathered
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "result.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_one_task_per_global_batch_in_a_real_2_process_gloo_run(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    from kalm_st import build_model
+
+    model_dir = tmp_path / "model"
+    build_model(tiny_qwen_dir, dtype="float32", device="cpu").save(str(model_dir))
+    mp.spawn(_worker, args=(2, _free_port(), str(model_dir), str(tmp_path)), nprocs=2, join=True)
+    results = torch.load(tmp_path / "result.pt")
+    rank0, rank1 = results["kalm"]
+    assert len(rank0) == len(rank1) == 40 // 6 + 24 // 6 + 17 // 6  # same step count on both ranks
+    for tasks0, tasks1 in zip(rank0, rank1, strict=True):
+        assert len(tasks0) == 1 and tasks0 == tasks1  # one task per global batch on every rank
+    # the control: sentence-transformers' own multi-dataset sampler is not rank-aware
+    st0, st1 = results["st_proportional"]
+    assert any(a != b for a, b in zip(st0, st1, strict=False))
