@@ -1,4 +1,4 @@
-"""``kalm-st mine | filter | label | teacher-score``: the curation tools of :mod:`kalm_st.data.curation` on files.
+"""``kalm-st mine | filter | label | teacher-score``: the curation tools of :mod:`kalm_st.data` on files.
 
 Each reads training data (jsonl/csv/parquet, see :mod:`kalm_st.data.formats`), applies the tool per task and writes
 one output file atomically (a ``task`` column keeps the tasks apart).
@@ -92,18 +92,14 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
     from kalm_st.data import label_examples, write_training_data
-    from kalm_st.data.formats import _FORMATS
+    from kalm_st.data.formats import read_table
 
     out = DatasetDict()
     for path in args.input:
-        suffix = "." + path.rsplit(".", 1)[-1].lower()
-        if suffix not in _FORMATS:
-            raise ValueError(f"{path}: unsupported format {suffix!r}")
-        builder, kwargs = _FORMATS[suffix]
-        raw = load_dataset(builder, data_files=path, split="train", **kwargs)
+        raw = read_table(path)
         labelled = label_examples(
             raw, text_column=args.text_column, label_column=args.label_column, num_negatives=args.num_negatives,
             seed=args.seed,

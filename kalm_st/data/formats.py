@@ -64,12 +64,19 @@ class DataValidationError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in the training data:\n  {lines}")
 
 
+def negative_columns_of(dataset: Dataset) -> list[str]:
+    """The ``negative_k`` columns a dataset has, in order."""
+    return [c for c in dataset.column_names if c.startswith("negative_")]
+
+
 def negative_columns(n: int) -> list[str]:
     """``["negative_1", ..., "negative_n"]``."""
     return [f"negative_{i}" for i in range(1, n + 1)]
 
 
-def _read_file(path: Path) -> Dataset:
+def read_table(path: str | os.PathLike[str]) -> Dataset:
+    """Read one jsonl/json/csv/tsv/parquet file with ``datasets`` (clear errors for a missing file or format)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Training data file not found: {path}")
     suffix = path.suffix.lower()
@@ -273,7 +280,7 @@ def load_training_data(
     problems: list[str] = []
     parts: dict[str, list[Dataset]] = {}
     for path in path_list:
-        dataset = _read_file(path)
+        dataset = read_table(path)
         normalized, file_problems = normalize_dataset(
             dataset,
             source=str(path),
@@ -343,7 +350,7 @@ def build_training_prompts(
     ``{task: {"anchor": query_prompt, "positive": document_prompt, "negative_1": document_prompt, ...}}``, with the
     prompts of :func:`kalm_st.instructions.training_prompt` (the one KaLM instruction table). Tasks whose type (from
     ``task_types``) is a single-text type (classification, clustering: e.g. the output of
-    :func:`kalm_st.data.curation.label_examples`) get the instruction on every column, as mteb embeds every text of
+    :func:`kalm_st.data.label_examples`) get the instruction on every column, as mteb embeds every text of
     such a task with it. Empty prompts are left out (ST then adds nothing).
 
     Note: ST's collator picks the prompts of a batch from its *first* row's task, so batches mixing tasks
