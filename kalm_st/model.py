@@ -221,7 +221,9 @@ def build_model(
             check_supported_config(backbone, source="the given config")
             if seed is not None:
                 torch.manual_seed(seed)
-            AutoModel.from_config(backbone, dtype=torch_dtype).save_pretrained(scratch)
+            # is_main_process: under torchrun every rank materialises its own copy (transformers would skip
+            # the write on ranks > 0 and the load below would fail).
+            AutoModel.from_config(backbone, dtype=torch_dtype).save_pretrained(scratch, is_main_process=True)
             if not isinstance(tokenizer, PreTrainedTokenizerBase):
                 tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
             tokenizer.save_pretrained(scratch)
