@@ -1,0 +1,36 @@
+"""KaLM-Embedding-V2's losses as sentence-transformers losses (METHOD.md §3).
+
+- :class:`FocalInfoNCE`: focal-reweighted InfoNCE over in-batch, hard and (optionally) mixed negatives;
+- :class:`HardNegativeMixing`: the online hard-negative mixing option of the focal losses;
+- :class:`CachedFocalInfoNCE`: the same with GradCache;
+- :class:`ContrastiveDistillation`: ``L_focal + alpha * KL(teacher || student)`` in one forward pass;
+- :func:`kalm_matryoshka`: sentence-transformers' ``MatryoshkaLoss`` with KaLM's dims and weights.
+
+The maths lives once, in :mod:`kalm_st.losses.functional`.
+"""
+
+from __future__ import annotations
+
+from kalm_st.losses import functional
+from kalm_st.losses._citations import FOCAL_LOSS_BIBTEX, GRADCACHE_BIBTEX, KALM_V2_BIBTEX, MOCHI_BIBTEX
+from kalm_st.losses.cached_focal_info_nce import CachedFocalInfoNCE
+from kalm_st.losses.contrastive_distillation import ContrastiveDistillation
+from kalm_st.losses.focal_info_nce import FocalInfoNCE
+from kalm_st.losses.hard_negative_mixing import HardNegativeMixing
+from kalm_st.losses.matryoshka import MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS, kalm_matryoshka, matryoshka_dims_for
+
+__all__ = [
+    "FOCAL_LOSS_BIBTEX",
+    "GRADCACHE_BIBTEX",
+    "KALM_V2_BIBTEX",
+    "MATRYOSHKA_DIMS",
+    "MATRYOSHKA_WEIGHTS",
+    "MOCHI_BIBTEX",
+    "CachedFocalInfoNCE",
+    "ContrastiveDistillation",
+    "FocalInfoNCE",
+    "HardNegativeMixing",
+    "functional",
+    "kalm_matryoshka",
+    "matryoshka_dims_for",
+]

@@ -1,0 +1,80 @@
+"""Helpers for the loss tests (imported by the test modules): tokenised columns for the tiny model and real rows from ../shared/data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+ANCHORS = [
+    "A man is playing a guitar.",
+    "How do I reset my card PIN?",
+    "Two dogs run across a snowy field.",
+    "The cat sleeps on the warm windowsill.",
+    "What is the capital of France?",
+    "I was charged twice for the same transaction.",
+]
+POSITIVES = [
+    "Someone plays the guitar.",
+    "Steps to change the PIN of my card.",
+    "Dogs are running through the snow.",
+    "A cat naps by the window.",
+    "Paris is the capital of France.",
+    "A duplicate charge appeared on my account.",
+]
+NEGATIVES_1 = [
+    "A woman is slicing an onion in the kitchen.",
+    "Children are playing football in the park.",
+    "The cat sleeps on the warm windowsill.",
+    "How do I reset my card PIN?",
+    "A man is playing a guitar.",
+    "Two dogs run across a snowy field.",
+]
+NEGATIVES_2 = [
+    "What is the capital of Spain?",
+    "My card was declined at the shop.",
+    "Birds fly over the frozen lake.",
+    "A dog sleeps on the sofa.",
+    "Berlin is a large city.",
+    "I want to close my account.",
+]
+
+
+def featurize(model, columns: list[list[str]]) -> list[dict[str, torch.Tensor]]:
+    """One tokenised feature dict per column, as the trainer's collator builds them."""
+    return [model.preprocess(texts) for texts in columns]
+
+
+def params_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def trecqa_rows(shared_data_dir: Path, num_rows: int, num_negatives: int = 2) -> list[dict[str, str]]:
+    """(anchor=question, positive=correct answer, negative_1..n=wrong answers a retriever returned) from TrecQA."""
+    by_question: dict[str, dict[str, list[str]]] = {}
+    with open(shared_data_dir / "trecqa" / "train.csv", newline="", encoding="utf8") as handle:
+        for row in csv.DictReader(handle):
+            entry = by_question.setdefault(row["qtext"], {"pos": [], "neg": []})
+            entry["pos" if row["label"] == "1" else "neg"].append(row["atext"])
+    rows = []
+    for question, entry in by_question.items():
+        if entry["pos"] and len(entry["neg"]) >= num_negatives:
+            row = {"anchor": question, "positive": entry["pos"][0]}
+            row.update({f"negative_{k + 1}": entry["neg"][k] for k in range(num_negatives)})
+            rows.append(row)
+        if len(rows) == num_rows:
+            break
+    return rows
+
+
+def stsb_pairs(shared_data_dir: Path, num_rows: int) -> list[dict[str, str]]:
+    """STS-B train pairs with score >= 4 as (anchor, positive)."""
+    rows = []
+    with open(shared_data_dir / "stsb" / "train.csv", newline="", encoding="utf8") as handle:
+        for sentence1, sentence2, score in csv.reader(handle):
+            if float(score) >= 4.0:
+                rows.append({"anchor": sentence1, "positive": sentence2})
+            if len(rows) == num_rows:
+                break
+    return rows

@@ -1,0 +1,44 @@
+"""2-process torchrun (gloo, CPU) with gather_across_devices=True equals one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.losses._ddp_worker import make_losses
+from tests.losses._helpers import featurize
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gather_equals_one_process(tiny_model, tiny_qwen_dir, columns, tmp_path) -> None:
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(REPO_ROOT / "tests" / "losses" / "_ddp_worker.py"),
+        str(tiny_qwen_dir), str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    distributed = torch.load(out)
+    for name, loss in make_losses(tiny_model, gather=False).items():
+        tiny_model.zero_grad()
+        value = loss(featurize(tiny_model, columns), None)
+        value.backward()
+        assert abs(value.item() - distributed[name]["loss"]) <= 1e-5, name
+        for param_name, param in tiny_model.named_parameters():
+            torch.testing.assert_close(
+                distributed[name]["grads"][param_name], param.grad, atol=1e-5, rtol=1e-4, msg=f"{name}: {param_name}"
+            )
