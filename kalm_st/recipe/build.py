@@ -1,0 +1,407 @@
+"""Build everything one training stage needs from its :class:`~kalm_st.recipe.config.StageConfig`: model, datasets,
+per-task losses, training arguments and the ``SentenceTransformerTrainer``; then run it with resume and an atomic final
+save. The ``kalm-st train`` command is a thin wrapper around :func:`run_stage`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, StageConfig, TaskConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses: one explicit table, name -> class (imported when used; no importlib on config strings)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _focal_infonce() -> type[nn.Module]:
+    from kalm_st.losses import FocalInfoNCE
+
+    return FocalInfoNCE
+
+
+def _cached_focal_infonce() -> type[nn.Module]:
+    from kalm_st.losses import CachedFocalInfoNCE
+
+    return CachedFocalInfoNCE
+
+
+def _contrastive_distillation() -> type[nn.Module]:
+    from kalm_st.losses import ContrastiveDistillation
+
+    return ContrastiveDistillation
+
+
+def _mnrl() -> type[nn.Module]:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    return MultipleNegativesRankingLoss
+
+
+def _cached_mnrl() -> type[nn.Module]:
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    return CachedMultipleNegativesRankingLoss
+
+
+LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
+    "focal_infonce": _focal_infonce,
+    "cached_focal_infonce": _cached_focal_infonce,
+    "contrastive_distillation": _contrastive_distillation,
+    "multiple_negatives_ranking": _mnrl,
+    "cached_multiple_negatives_ranking": _cached_mnrl,
+}
+"""Loss name (``loss.name`` in a stage YAML) -> the loss class. ``focal_infonce`` with ``gamma: 0`` is InfoNCE."""
+
+_KALM_LOSSES = ("focal_infonce", "cached_focal_infonce")
+
+
+def build_loss(model: Any, loss: LossConfig, *, classification: bool = False, source: str = "<config>") -> nn.Module:
+    """One loss module. ``classification=True`` turns in-batch negatives off (same-class texts are false negatives)."""
+    if loss.name not in LOSSES:
+        raise ConfigError(f"{source}: loss.name {loss.name!r} is unknown (known: {', '.join(sorted(LOSSES))}).")
+    cls = LOSSES[loss.name]()
+    kwargs = dict(loss.kwargs)
+    if "hard_negative_mixing" in kwargs and isinstance(kwargs["hard_negative_mixing"], dict):
+        from kalm_st.losses import HardNegativeMixing
+
+        kwargs["hard_negative_mixing"] = HardNegativeMixing(**kwargs["hard_negative_mixing"])
+    if loss.name == "contrastive_distillation":
+        assert loss.base is not None  # checked by the config
+        kwargs["base_loss"] = build_loss(model, loss.base, classification=classification, source=source)
+    elif classification:
+        if loss.name not in _KALM_LOSSES:
+            raise ConfigError(
+                f"{source}: loss {loss.name!r} always uses in-batch negatives; classification tasks need "
+                f"one of {', '.join(_KALM_LOSSES)} (in_batch_negatives=False)."
+            )
+        kwargs["in_batch_negatives"] = False
+    try:
+        return cls(model, **kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{source}: loss.kwargs do not fit {cls.__name__}: {error}") from error
+
+
+def matryoshka_schedule(
+    dims: Sequence[int], weights: Sequence[float], model_dim: int
+) -> tuple[list[int], list[float]]:
+    """Clamp explicit Matryoshka dims to the model's embedding size, dropping the duplicates this creates.
+
+    KaLM's dims (896, 512, ...) are for the 896-d Qwen2-0.5B; a 576-d SmolLM2 gets (576, 512, 256, 128, 64) with the
+    same weights, a 64-d test model gets (64,) with the first weight.
+    """
+    out_dims: list[int] = []
+    out_weights: list[float] = []
+    for dim, weight in zip(dims, weights, strict=True):
+        dim = min(int(dim), model_dim)
+        if dim not in out_dims:
+            out_dims.append(dim)
+            out_weights.append(float(weight))
+    return out_dims, out_weights
+
+
+def build_losses(model: Any, config: StageConfig) -> dict[str, nn.Module]:
+    """Per-task losses (a dict keyed like the training ``DatasetDict``), wrapped in ``MatryoshkaLoss`` if enabled."""
+    assert config.loss is not None and config.data is not None
+    losses: dict[str, nn.Module] = {}
+    for task, task_config in config.data.tasks.items():
+        classification = task_config.type in CLASSIFICATION_TYPES
+        loss = build_loss(model, config.loss, classification=classification, source=config.source)
+        if config.matryoshka.enabled:
+            from kalm_st.losses import MATRYOSHKA_WEIGHTS, kalm_matryoshka
+
+            dims, weights = config.matryoshka.dims, config.matryoshka.weights
+            if dims is not None:
+                if weights is None:
+                    weights = tuple(
+                        MATRYOSHKA_WEIGHTS[i] if i < len(MATRYOSHKA_WEIGHTS) else 0.1 for i in range(len(dims))
+                    )
+                dims, weights = matryoshka_schedule(dims, weights, model.get_embedding_dimension())
+            loss = kalm_matryoshka(model, loss, dims=dims, weights=weights)
+        losses[task] = loss
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_stage_model(config: StageConfig) -> Any:
+    """The stage's starting model: a previous stage's output / an ST folder, a decoder backbone, or a built-in."""
+    from kalm_st.model import build_model, load_model
+    from kalm_st.recipe.backbones import BUILTIN_PREFIX, write_builtin_backbone
+
+    assert config.model is not None
+    spec = config.model
+    common: dict[str, Any] = {"max_seq_length": spec.max_seq_length, "dtype": spec.dtype}
+    if spec.init_from.startswith(BUILTIN_PREFIX):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kalm-st-builtin-") as folder:
+            write_builtin_backbone(spec.init_from, folder, seed=config.seed, source=config.source)
+            return build_model(folder, attn_implementation=spec.attn_implementation, **common)
+    if (Path(spec.init_from) / "modules.json").is_file():
+        from kalm_st.model import resolve_dtype
+
+        model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(spec.dtype)}
+        if spec.attn_implementation is not None:
+            model_kwargs["attn_implementation"] = spec.attn_implementation
+        model = load_model(spec.init_from, model_kwargs=model_kwargs)
+        model.max_seq_length = spec.max_seq_length
+        return model
+    return build_model(spec.init_from, seed=config.seed, attn_implementation=spec.attn_implementation, **common)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+CLASSIFICATION_TYPES: frozenset[str] = frozenset({"Classification", "MultilabelClassification", "Clustering"})
+"""Task types trained without in-batch negatives: other texts of the same class are false negatives (METHOD.md §3)."""
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_task_datasets(config: StageConfig, tasks: dict[str, TaskConfig]) -> Any:
+    """A ``DatasetDict`` keyed by task with columns ``anchor, positive, negative_1..n[, label]``, validated by
+    :func:`kalm_st.data.load_training_data` (file, row and column in every error)."""
+    from datasets import DatasetDict
+
+    from kalm_st.data.formats import load_training_data
+
+    assert config.data is not None
+    per_device = int(config.args.get("per_device_train_batch_size", 8))
+    result = DatasetDict()
+    for name, task in tasks.items():
+        loaded = load_training_data(
+            task.path,
+            default_task=name,
+            require_negatives=config.stage in ("finetune", "distill"),
+            num_negatives=config.data.num_negatives,
+        )
+        if list(loaded) != [name]:
+            raise ConfigError(
+                f"{config.source}: data.tasks.{name}.path {task.path!r} holds tasks {list(loaded)}; "
+                f"expected only {name!r} (drop its 'task' column or list each task separately)."
+            )
+        dataset = loaded[name]
+        if task.max_rows is not None:
+            dataset = dataset.select(range(min(task.max_rows, len(dataset))))
+        if config.data.num_negatives == 0:
+            dataset = dataset.remove_columns([c for c in dataset.column_names if c.startswith("negative_")])
+        global_batch = per_device * _world_size()
+        if len(dataset) < global_batch:
+            raise ConfigError(
+                f"{config.source}: data.tasks.{name} ({task.path}) has {len(dataset)} rows, fewer than one global "
+                f"batch of {global_batch} (per_device_train_batch_size x {_world_size()} processes)."
+            )
+        result[name] = dataset
+    return result
+
+
+def build_prompts(tasks: dict[str, TaskConfig], datasets: Any) -> dict[str, dict[str, str]]:
+    """sentence-transformers' nested ``prompts`` (``{task: {column: prompt}}``) from the one instruction table."""
+    from kalm_st.data.formats import build_training_prompts
+
+    return build_training_prompts(datasets, {name: task.type for name, task in tasks.items()})
+
+
+def _multi_dataset_sampler(config: StageConfig) -> Any:
+    """The rank-aware, task-homogeneous batch sampler (every rank draws the same task at each step)."""
+    from kalm_st.sampling import TaskHomogeneousBatchSampler
+
+    assert config.data is not None
+    return functools.partial(
+        TaskHomogeneousBatchSampler,
+        homogeneous_ratio=config.data.homogeneous_ratio,
+        length_aware=config.data.length_aware,
+        task_names=list(config.data.tasks),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageRun:
+    """What :func:`build_stage` built; ``trainer.train()`` runs the stage."""
+
+    config: StageConfig
+    model: Any
+    train_dataset: Any
+    eval_dataset: Any
+    losses: dict[str, nn.Module]
+    args: Any
+    trainer: Any
+
+
+def training_arguments(config: StageConfig, prompts: dict[str, Any] | None = None) -> Any:
+    """``SentenceTransformerTrainingArguments(**config.args)`` plus what YAML cannot hold (sampler class, prompts)."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    assert config.data is not None
+    args: dict[str, Any] = {"seed": config.seed, "data_seed": config.seed, **config.args}
+    args["output_dir"] = config.output_dir
+    args.setdefault("multi_dataset_batch_sampler", _multi_dataset_sampler(config))
+    if prompts is not None and "prompts" not in config.args:
+        args["prompts"] = prompts
+    try:
+        return SentenceTransformerTrainingArguments(**args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{config.source}: args: {error}") from error
+
+
+def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageRun:
+    """Build model, datasets, losses, arguments and trainer of a training stage (nothing is trained)."""
+    from sentence_transformers import SentenceTransformerTrainer
+
+    if not config.is_training:
+        raise ConfigError(f"{config.source}: stage 'soup' has no trainer; use kalm_st.recipe.soup.run_soup.")
+    assert config.data is not None
+    train_dataset = load_task_datasets(config, config.data.tasks)
+    eval_dataset = load_task_datasets(config, config.data.eval_tasks) if config.data.eval_tasks else None
+    prompts = build_prompts({**config.data.tasks, **config.data.eval_tasks}, train_dataset)
+    if eval_dataset is not None:
+        prompts.update(build_prompts(config.data.eval_tasks, eval_dataset))
+    # The model first: creating the training arguments initialises torch.distributed under torchrun, after which
+    # transformers' save_pretrained (used when building a model from a config) writes on rank 0 only.
+    model = build_stage_model(config)
+    args = training_arguments(config, prompts)
+    losses = build_losses(model, config)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        loss=losses,
+        callbacks=list(callbacks),
+    )
+    return StageRun(config, model, train_dataset, eval_dataset, losses, args, trainer)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and running
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest ``checkpoint-N`` whose save finished.
+
+    The Trainer writes ``trainer_state.json`` last (after the model, optimizer, scheduler and RNG states); a folder
+    without a readable one is an interrupted save and is skipped. The model inside is written atomically by
+    :class:`~kalm_st.KaLMSentenceTransformer`, so ``modules.json`` is checked too.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    candidates = []
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and step.isdigit():
+            candidates.append((int(step), path))
+    for _, path in sorted(candidates, reverse=True):
+        state = path / "trainer_state.json"
+        try:
+            json.loads(state.read_text(encoding="utf8"))
+        except (OSError, ValueError):
+            logger.warning("Skipping incomplete checkpoint %s (no readable trainer_state.json).", path)
+            continue
+        if (path / "modules.json").is_file():
+            return path
+        logger.warning("Skipping incomplete checkpoint %s (no modules.json).", path)
+    return None
+
+
+def save_resolved_config(config: StageConfig) -> Path:
+    """Write the resolved config to ``{output_dir}/resolved_config.yaml`` (atomically, main process only)."""
+    path = Path(config.output_dir) / RESOLVED_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(f"# Resolved from {config.source}\n" + config.to_yaml(), encoding="utf8")
+    os.replace(tmp, path)
+    return path
+
+
+def run_stage(
+    config: StageConfig, *, resume: bool = False, dry_run: bool = False, callbacks: Sequence[Any] = ()
+) -> Path | None:
+    """Run one stage: train (or soup) and write ``{output_dir}/final`` atomically. Rank-aware under torchrun.
+
+    Args:
+        config: The validated stage config.
+        resume: Continue from the last complete ``checkpoint-N`` in ``output_dir`` (error if there is none).
+        dry_run: Build everything (model, data, losses, trainer), save nothing, train nothing.
+        callbacks: Extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        The final model folder, or None for a dry run.
+    """
+    if not config.is_training:
+        from kalm_st.recipe.soup import run_soup
+
+        return run_soup(config, dry_run=dry_run)
+    checkpoint = None
+    if resume:
+        checkpoint = last_complete_checkpoint(config.output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint-N folder in {config.output_dir!r} to resume from "
+                "(run without --resume to start fresh)."
+            )
+    run = build_stage(config, callbacks=callbacks)
+    if dry_run:
+        logger.info(
+            "Dry run of %s: model %s (dim %d), tasks %s, %d training rows, losses %s; nothing trained.",
+            config.source,
+            type(run.model[0].auto_model).__name__,
+            run.model.get_embedding_dimension(),
+            list(run.train_dataset),
+            sum(len(ds) for ds in run.train_dataset.values()),
+            {task: type(loss).__name__ for task, loss in run.losses.items()},
+        )
+        return None
+    trainer = run.trainer
+    if trainer.is_world_process_zero():
+        save_resolved_config(config)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    final = config.final_model_dir
+    if trainer.is_world_process_zero():
+        run.model.save(str(final))  # KaLMSentenceTransformer.save is atomic and portable
+        logger.info("Final model written to %s", final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+__all__ = [
+    "LOSSES",
+    "StageRun",
+    "build_loss",
+    "build_losses",
+    "build_stage",
+    "build_stage_model",
+    "last_complete_checkpoint",
+    "matryoshka_schedule",
+    "run_stage",
+    "save_resolved_config",
+    "training_arguments",
+]

@@ -1,0 +1,477 @@
+"""Stage configs: one YAML file per training stage, validated into frozen dataclasses (STYLE.md §2 "Configs").
+
+A stage file has the sections ``model:``, ``data:``, ``loss:``, ``matryoshka:`` and ``args:`` (pre-training,
+fine-tuning, distillation) or ``soup:`` (checkpoint averaging). ``args:`` is passed as
+``SentenceTransformerTrainingArguments(**args)``; its keys and simple types are checked here, against that class's own
+fields, so a typo fails before any model is loaded. Stages chain by explicit paths (``model.init_from:
+outputs/stage1/final``): no interpolation, no Hydra, no ``exec``.
+
+Every error names the offending key and the file it came from (or ``--set`` for a command-line override).
+
+Example::
+
+    config = load_config("training/configs/stage2_finetune.yaml", overrides=["loss.kwargs.gamma=2"])
+    config.loss.kwargs["gamma"]  # 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+StageKind = Literal["pretrain", "finetune", "distill", "soup"]
+STAGE_KINDS: tuple[str, ...] = typing.get_args(StageKind)
+
+FINAL_MODEL_DIRNAME = "final"
+"""The trained model of a stage is written (atomically) to ``{output_dir}/final``."""
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+"""The fully resolved config (file + overrides) is saved as ``{output_dir}/resolved_config.yaml``."""
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# YAML: PyYAML's safe loader with YAML 1.2 scalars: floats without a dot (``1e-5``, a string in YAML 1.1) and only
+# true/false as booleans (YAML 1.1 turns ``no``, e.g. ``save_strategy: no``, into False).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML safely (no Python tags); ``1e-5`` is a float as in YAML 1.2."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: invalid YAML: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The schema
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the stage's model comes from.
+
+    Args:
+        init_from: A previous stage's output (``outputs/stage1/final``), a sentence-transformers folder, a decoder
+            checkpoint (Hub id or folder, e.g. ``Qwen/Qwen2-0.5B``), or a built-in offline backbone
+            (``builtin:tiny-qwen2``, ``builtin:smollm2-135m``; see :mod:`kalm_st.recipe.backbones`).
+        max_seq_length: Truncation length (KaLM: 512).
+        dtype: Weights dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        attn_implementation: transformers attention back-end (default: transformers' choice).
+    """
+
+    init_from: str
+    max_seq_length: int = 512
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One training task (one dataset of the ``DatasetDict``; every batch comes from one task).
+
+    Args:
+    The task's name (its key in ``data.tasks``) picks its instruction in :data:`kalm_st.TASK_INSTRUCTIONS` (e.g.
+    ``STSBenchmark``, ``Banking77Classification``); unknown names fall back to the ``type``'s instruction.
+
+    Args:
+        path: A jsonl, csv or parquet file in :mod:`kalm_st.data.formats`' layout (relative to the working directory).
+        type: The MTEB task type. ``Classification``, ``MultilabelClassification`` and ``Clustering`` data (example-
+            based labels) train without in-batch negatives (METHOD.md §3) and put the instruction on every column.
+        max_rows: Keep at most this many rows (the first ones), for smoke runs.
+    """
+
+    path: str
+    type: Literal[
+        "Retrieval",
+        "Reranking",
+        "STS",
+        "PairClassification",
+        "Classification",
+        "MultilabelClassification",
+        "Clustering",
+    ] = "Retrieval"
+    max_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data.
+
+    Args:
+        tasks: Task name -> :class:`TaskConfig`.
+        num_negatives: Use the first ``n`` hard negatives of each row (None: all there are; 0: none).
+        homogeneous_ratio: Share of each global batch drawn from one task, in (0, 1] (1.0: fully task-homogeneous);
+            :class:`kalm_st.sampling.TaskHomogeneousBatchSampler` fills the rest from the other tasks.
+        length_aware: Group rows of similar length within a task (less padding), see the sampler.
+        eval_tasks: Optional held-out tasks evaluated with the loss during training (``args.eval_strategy``).
+    """
+
+    tasks: dict[str, TaskConfig]
+    num_negatives: int | None = None
+    homogeneous_ratio: float = 1.0
+    length_aware: bool = False
+    eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A loss from :data:`kalm_st.recipe.build.LOSSES`, by name, with its keyword arguments.
+
+    Args:
+        name: Key in :data:`kalm_st.recipe.build.LOSSES` (e.g. ``focal_infonce``, ``contrastive_distillation``).
+        kwargs: Constructor arguments, except ``model``. ``hard_negative_mixing: {...}`` becomes a
+            :class:`~kalm_st.losses.HardNegativeMixing`.
+        base: For ``contrastive_distillation``: the contrastive loss it adds the KD term to.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    base: LossConfig | None = None
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig:
+    """sentence-transformers' ``MatryoshkaLoss`` around each task's loss (:func:`kalm_st.losses.kalm_matryoshka`).
+
+    Args:
+        enabled: Wrap the loss.
+        dims: Dimensions; default KaLM's for the model's size (896, 512, 256, 128, 64 at 896-d; the model's own
+            dimension then KaLM's smaller ones otherwise). Explicit dims larger than the model's are clamped to it
+            (duplicates dropped with their weights), so a 896-d config also dry-runs on a 64-d test model.
+        weights: One weight per dim; default KaLM's 1, 0.3, 0.2, 0.1, 0.1.
+    """
+
+    enabled: bool = True
+    dims: tuple[int, ...] | None = None
+    weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    """Model soup (METHOD.md §4, stage 3a): a weighted parameter average of same-architecture checkpoints.
+
+    Args:
+        models: Model folders to average (at least 2).
+        weights: One weight per model (normalised to sum 1); default uniform.
+    """
+
+    models: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of the recipe.
+
+    Args:
+        stage: ``pretrain``, ``finetune``, ``distill`` or ``soup``.
+        output_dir: Checkpoints (``checkpoint-N``), the resolved config and the final model (``final/``) go here.
+        seed: Seed of the model initialisation and the Trainer (``args.seed`` defaults to it).
+        model, data, loss, matryoshka, args: Training stages only.
+        soup: Soup stage only.
+    """
+
+    stage: StageKind
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig | None = None
+    data: DataConfig | None = None
+    loss: LossConfig | None = None
+    matryoshka: MatryoshkaConfig = field(default_factory=lambda: MatryoshkaConfig(enabled=False))
+    args: dict[str, Any] = field(default_factory=dict)
+    soup: SoupConfig | None = None
+    source: str = field(default="<dict>", compare=False, repr=False)
+    """Where the config came from (file name and overrides), for error messages. Not a YAML key."""
+
+    @property
+    def final_model_dir(self) -> Path:
+        return Path(self.output_dir) / FINAL_MODEL_DIRNAME
+
+    @property
+    def is_training(self) -> bool:
+        return self.stage != "soup"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> StageConfig:
+        """Validate a parsed YAML mapping; raise :class:`ConfigError` naming the key and ``source``."""
+        config = _build(cls, data, "", source, exclude=("source",))
+        config = dataclasses.replace(config, source=source)
+        _check_stage(config)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML-ready), the inverse of :meth:`from_dict`; ``None`` sections are left out."""
+        return _to_plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading and overrides
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> StageConfig:
+    """Read a stage YAML, apply ``key.path=value`` overrides (values parsed as YAML), validate."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Config file {os.fspath(path)!r} does not exist.")
+    raw = parse_yaml(file.read_text(encoding="utf8"), str(file))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(raw).__name__}.")
+    source = str(file)
+    if overrides:
+        raw = apply_overrides(raw, overrides, source)
+        source = f"{file} (with --set {' '.join(overrides)})"
+    return StageConfig.from_dict(raw, source)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], source: str = "<dict>") -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b.c=value`` applied; ``value`` is parsed as YAML (typed, no exec)."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. loss.kwargs.gamma=2.")
+        value = parse_yaml(text, f"--set {key}") if text.strip() else ""
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {item!r}: {'.'.join(parts[: depth + 1])} is a {type(child).__name__} in {source}, "
+                    "not a section."
+                )
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation: dataclass fields and their annotations (str, int, float, bool, None, Literal, tuple, dict, dataclasses)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, prefix: str, source: str, exclude: tuple[str, ...] = ()) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__} ({data!r:.60}).")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]!s} (allowed in {where}: {', '.join(sorted(fields))})."
+        )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing required key {prefix}{name}.")
+            continue
+        values[name] = _convert(data[name], hints[name], f"{prefix}{name}", source)
+    return cls(**values)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
+    origin, type_args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in type_args:
+            return None
+        errors = []
+        for option in (a for a in type_args if a is not type(None)):
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(
+            f"{source}: {key} must be {_type_name(annotation)}, got {type(value).__name__} {value!r:.60}."
+        )
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        if value not in type_args:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, type_args))}, got {value!r:.60}.")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, f"{key}.", source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__} {value!r:.60}.")
+        item_type = type_args[0]
+        return tuple(_convert(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__} {value!r:.60}.")
+        key_type, value_type = type_args
+        return {
+            _convert(k, key_type, f"{key} key", source): _convert(v, value_type, f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation in (str, int, bool):
+        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+            return value
+    else:  # pragma: no cover - a schema type this validator does not know
+        raise TypeError(f"Unsupported config annotation {annotation!r} for {key}.")
+    raise ConfigError(f"{source}: {key} must be {_type_name(annotation)}, got {type(value).__name__} {value!r:.60}.")
+
+
+def _check_stage(config: StageConfig) -> None:
+    source = config.source
+    if config.is_training:
+        for section in ("model", "data", "loss"):
+            if getattr(config, section) is None:
+                raise ConfigError(f"{source}: missing required key {section} (stage {config.stage!r}).")
+        if config.soup is not None:
+            raise ConfigError(f"{source}: unknown key soup for stage {config.stage!r} (only stage 'soup' takes it).")
+        if "output_dir" in config.args:
+            raise ConfigError(f"{source}: args.output_dir is set from the top-level output_dir; remove it.")
+        check_training_args(config.args, source)
+        mat = config.matryoshka
+        if mat.dims is not None and mat.weights is not None and len(mat.dims) != len(mat.weights):
+            raise ConfigError(
+                f"{source}: matryoshka.weights has {len(mat.weights)} entries but matryoshka.dims has {len(mat.dims)}."
+            )
+        if config.loss.name == "contrastive_distillation" and config.loss.base is None:
+            raise ConfigError(f"{source}: missing required key loss.base (the contrastive loss distillation adds to).")
+        if config.loss.base is not None and config.loss.name != "contrastive_distillation":
+            raise ConfigError(f"{source}: unknown key loss.base for loss {config.loss.name!r}.")
+        ratio = config.data.homogeneous_ratio
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"{source}: data.homogeneous_ratio must be in (0, 1], got {ratio}.")
+        if not config.data.tasks:
+            raise ConfigError(f"{source}: data.tasks is empty.")
+    else:
+        if config.soup is None:
+            raise ConfigError(f"{source}: missing required key soup (stage 'soup').")
+        for section in ("model", "data", "loss"):
+            if getattr(config, section) is not None:
+                raise ConfigError(f"{source}: unknown key {section} for stage 'soup' (it takes soup: and output_dir).")
+        if config.args:
+            raise ConfigError(f"{source}: unknown key args for stage 'soup'.")
+        if len(config.soup.models) < 2:
+            raise ConfigError(f"{source}: soup.models needs at least 2 models, got {len(config.soup.models)}.")
+        if config.soup.weights is not None and len(config.soup.weights) != len(config.soup.models):
+            raise ConfigError(
+                f"{source}: soup.weights has {len(config.soup.weights)} entries for {len(config.soup.models)} models."
+            )
+
+
+def check_training_args(args: Mapping[str, Any], source: str) -> None:
+    """Check ``args:`` keys (and simple value types) against ``SentenceTransformerTrainingArguments``' fields."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(SentenceTransformerTrainingArguments) if f.init}
+    for key, value in args.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key args.{key} (not a SentenceTransformerTrainingArguments field).")
+        expected = _simple_type(fields[key].type)
+        if expected is None or value is None:
+            continue
+        ok = isinstance(value, expected) and not (bool not in expected and isinstance(value, bool))
+        if not ok:
+            names = " or ".join(t.__name__ for t in expected)
+            raise ConfigError(f"{source}: args.{key} must be {names}, got {type(value).__name__} {value!r:.60}.")
+
+
+def _simple_type(annotation: Any) -> tuple[type, ...] | None:
+    """The accepted Python types of a TrainingArguments field declared as a plain scalar; None when not simple."""
+    text = annotation if isinstance(annotation, str) else _type_name(annotation)
+    text = text.replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")
+    return {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}.get(text)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {
+            f.name: _to_plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.name != "source" and getattr(value, f.name) is not None
+        }
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+__all__ = [
+    "FINAL_MODEL_DIRNAME",
+    "RESOLVED_CONFIG_NAME",
+    "STAGE_KINDS",
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "MatryoshkaConfig",
+    "ModelConfig",
+    "SoupConfig",
+    "StageConfig",
+    "TaskConfig",
+    "apply_overrides",
+    "check_training_args",
+    "load_config",
+    "parse_yaml",
+]

@@ -1,0 +1,219 @@
+"""``kalm-st train``: every YAML dry-runs, bad input fails clearly, resume is exact, DDP runs, outputs are atomic."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kalm_st.cli import main
+from kalm_st.recipe.build import build_stage, last_complete_checkpoint, run_stage
+from kalm_st.recipe.config import load_config
+
+from .conftest import CONFIG_DIR, REPO_ROOT, write_rows
+
+TINY = ["model.init_from=builtin:tiny-qwen2", "model.dtype=float32", "model.max_seq_length=32"]
+TINY_ARGS = [
+    "args.per_device_train_batch_size=4",
+    "args.bf16=false",
+    "args.use_cpu=true",
+    "args.report_to=none",
+    "args.activation_checkpointing=false",
+]
+
+
+def _tiny_overrides(config_path: Path, rows: Path, tmp_path: Path) -> list[str]:
+    config = load_config(config_path)
+    if config.stage == "soup":
+        return [f"output_dir={tmp_path / 'out'}"]
+    overrides = [*TINY, *TINY_ARGS, f"output_dir={tmp_path / 'out'}"]
+    for name in config.data.tasks:
+        overrides.append(f"data.tasks.{name}.path={rows}")
+    return overrides
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_config_dry_runs(path: Path, rows_file: Path, tmp_path: Path, capsys) -> None:
+    overrides = _tiny_overrides(path, rows_file, tmp_path)
+    argv = ["train", str(path), "--dry-run"] + [item for o in overrides for item in ("--set", o)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not (tmp_path / "out" / "final").exists()  # a dry run trains and saves nothing
+    assert not (tmp_path / "out" / "resolved_config.yaml").exists()
+
+
+def test_dry_run_builds_per_task_losses(rows_file: Path, tmp_path: Path) -> None:
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    from kalm_st.losses import FocalInfoNCE
+
+    config = load_config(
+        CONFIG_DIR / "stage2_finetune.yaml", _tiny_overrides(CONFIG_DIR / "stage2_finetune.yaml", rows_file, tmp_path)
+    )
+    run = build_stage(config)
+    assert set(run.losses) == {"retrieval", "sts", "classification"}
+    for task, loss in run.losses.items():
+        assert isinstance(loss, MatryoshkaLoss) and tuple(loss.matryoshka_dims) == (
+            64,
+        )  # 896.. clamped to the 64-d model
+        assert isinstance(loss.loss, FocalInfoNCE)
+        assert loss.loss.in_batch_negatives is (task != "classification")
+        assert loss.loss.gather_across_devices and loss.loss.hard_negative_mixing is not None
+    assert run.args.learning_rate == 1e-5 and run.args.per_device_train_batch_size == 4
+    assert run.args.prompts["sts"]["anchor"].startswith("Instruct: ")
+    assert list(run.train_dataset["sts"].column_names) == [
+        "anchor",
+        "positive",
+        *[f"negative_{i}" for i in range(1, 8)],
+        "label",
+    ]
+
+
+def test_bad_loss_kwarg_names_file(rows_file: Path, tmp_path: Path, capsys) -> None:
+    path = CONFIG_DIR / "tiny_smoke.yaml"
+    argv = ["train", str(path), "--dry-run", "--set", "loss.kwargs.gama=1"]
+    argv += [i for o in _tiny_overrides(path, rows_file, tmp_path) for i in ("--set", o)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "gama" in err and str(path) in err
+
+
+def test_resume_without_checkpoint_errors(tmp_path: Path, capsys) -> None:
+    argv = ["train", str(CONFIG_DIR / "tiny_smoke.yaml"), "--resume", "--set", f"output_dir={tmp_path / 'none'}"]
+    assert main(argv) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_incomplete_checkpoints_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4" / "modules.json").write_text("[]")
+    (tmp_path / "checkpoint-8").mkdir()  # interrupted save: no trainer_state.json
+    (tmp_path / "checkpoint-12").mkdir()
+    (tmp_path / "checkpoint-12" / "trainer_state.json").write_text("{trunc")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+class _Fail:
+    """A TrainerCallback that raises at a step (imported lazily to keep collection light)."""
+
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
+
+        class Fail(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise RuntimeError("boom")
+
+        return Fail()
+
+
+def test_failed_run_leaves_no_final_model(tmp_path: Path) -> None:
+    config = load_config(CONFIG_DIR / "tiny_smoke.yaml", [f"output_dir={tmp_path}", "args.save_strategy=no"])
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage(config, callbacks=[_Fail(2)])
+    assert not (tmp_path / "final").exists()
+    assert (tmp_path / "resolved_config.yaml").is_file()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+_WORKER = """
+import logging, os, signal, sys
+logging.basicConfig(level=logging.INFO)
+os.environ["HF_HUB_OFFLINE"] = "1"
+from transformers import TrainerCallback
+from kalm_st.recipe.build import run_stage
+from kalm_st.recipe.config import load_config
+
+config_path, out, resume, kill_at = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, like a preempted job
+
+overrides = [f"output_dir={out}", "loss.kwargs.hard_negative_mixing=null", "args.max_steps=6",
+             "args.save_steps=2", "args.logging_steps=1"]
+run_stage(load_config(config_path, overrides), resume=resume, callbacks=[Kill()] if kill_at else [])
+"""
+
+
+def _worker(tmp_path: Path, out: Path, resume: bool, kill_at: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER, encoding="utf8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(CONFIG_DIR / "tiny_smoke.yaml"),
+            str(out),
+            "1" if resume else "0",
+            str(kill_at),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path: Path) -> None:
+    full = _worker(tmp_path, tmp_path / "full", resume=False, kill_at=0)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _worker(tmp_path, tmp_path / "killed", resume=False, kill_at=5)
+    assert killed.returncode == -9  # SIGKILL at step 5, after checkpoint-4
+    assert not (tmp_path / "killed" / "final").exists()
+    assert last_complete_checkpoint(tmp_path / "killed") == tmp_path / "killed" / "checkpoint-4"
+    resumed = _worker(tmp_path, tmp_path / "killed", resume=True, kill_at=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr
+    a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "killed" / "final")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_torchrun_two_processes_with_cross_device_negatives(tmp_path: Path) -> None:
+    rows = write_rows(tmp_path / "rows.jsonl", num_rows=32, num_negatives=3, with_label=False)
+    out = tmp_path / "ddp"
+    overrides = [
+        f"output_dir={out}",
+        f"data.tasks.STSBenchmark.path={rows}",
+        "loss.kwargs.gather_across_devices=true",
+        "args.max_steps=4",
+        "args.per_device_train_batch_size=4",
+        "args.ddp_backend=gloo",
+        "args.ddp_find_unused_parameters=false",
+        "args.save_strategy=no",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(Path(sys.executable).parent / "kalm-st"),  # the installed console script, as users run it
+        "train",
+        str(CONFIG_DIR / "tiny_smoke.yaml"),
+    ]
+    cmd += [i for o in overrides for i in ("--set", o)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "final" / "modules.json").is_file()
+    resolved = load_config(out / "resolved_config.yaml")  # rank 0 saved it, and it loads back
+    assert resolved.loss.kwargs["gather_across_devices"] is True and resolved.args["ddp_backend"] == "gloo"
