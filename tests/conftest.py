@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 # Before any Hugging Face import: huggingface_hub reads these once, at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,9 +12,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# mteb and matplotlib write caches under ~ at import time; keep test runs from touching the home folder.
+_CACHE = Path(tempfile.mkdtemp(prefix="kalm-st-test-cache-"))
+os.environ.setdefault("MTEB_CACHE", str(_CACHE / "mteb"))
+os.environ.setdefault("MPLCONFIGDIR", str(_CACHE / "matplotlib"))
 
 import copy  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,371 @@
+"""Publishing: a real model card (recipe, losses with hyperparameters and citations, data, MTEB results as
+``model-index``, usage with the query/document prompts, license) and the push, with ``huggingface_hub``.
+
+The token comes only from ``HF_TOKEN`` or ``hf auth login`` (``HfApi()`` reads them); it is never a parameter,
+never logged. Offline or unauthenticated use raises :class:`HubPushError` with what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from kalm_st.instructions import RETRIEVAL_INSTRUCTION, SYMMETRIC_INSTRUCTION, format_instruction
+
+if TYPE_CHECKING:
+    from huggingface_hub import EvalResult, ModelCard
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+
+MRL_BIBTEX = """
+@inproceedings{kusupati2022matryoshka,
+  title     = {Matryoshka Representation Learning},
+  author    = {Kusupati, Aditya and Bhatt, Gantavya and Rege, Aniket and Wallingford, Matthew and Sinha, Aditya and Ramanujan, Vivek and Howard-Snyder, William and Chen, Kaifeng and Kakade, Sham and Jain, Prateek and Farhadi, Ali},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022},
+  url       = {https://arxiv.org/abs/2205.13147}
+}
+"""
+
+SBERT_BIBTEX = """
+@inproceedings{reimers-2019-sentence-bert,
+  title     = {Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks},
+  author    = {Reimers, Nils and Gurevych, Iryna},
+  booktitle = {Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing},
+  year      = {2019},
+  url       = {https://arxiv.org/abs/1908.10084}
+}
+"""
+
+
+class HubPushError(RuntimeError):
+    """A push that cannot happen (offline, not logged in, no permission), with what to do about it."""
+
+
+@dataclass
+class PushResult:
+    """What :func:`push_model` uploaded (or, with ``dry_run``, would upload)."""
+
+    repo_id: str
+    files: list[str]
+    card: str
+    url: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipe: the resolved stage configs the trainer saves next to each stage's output.
+
+
+def find_training_configs(model_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The resolved configs of the stages that produced ``model_dir``, first stage first.
+
+    Looks for ``resolved_config.yaml`` in the model folder or its parent (``{output_dir}/final``), then follows
+    ``model.init_from`` (and a soup's ``soup.models``) back to earlier stages.
+    """
+    configs: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    pending = [Path(model_dir)]
+    while pending:
+        folder = pending.pop()
+        for candidate in (folder / RESOLVED_CONFIG_NAME, folder.parent / RESOLVED_CONFIG_NAME):
+            if candidate.is_file() and candidate.resolve() not in seen:
+                seen.add(candidate.resolve())
+                config = yaml.safe_load(candidate.read_text(encoding="utf8")) or {}
+                configs.append(config)
+                sources = [((config.get("model") or {}).get("init_from"))]
+                sources += list((config.get("soup") or {}).get("models") or [])
+                pending.extend(Path(s) for s in sources if s and Path(s).exists())
+                break
+    return list(reversed(configs))
+
+
+def loss_citations(config: Mapping[str, Any]) -> list[str]:
+    """BibTeX entries for one stage's loss (KaLM-V2 always; focal loss, MoCHi, GradCache, MRL as used)."""
+    from kalm_st.losses import FOCAL_LOSS_BIBTEX, GRADCACHE_BIBTEX, KALM_V2_BIBTEX, MOCHI_BIBTEX
+
+    loss = config.get("loss") or {}
+    text = yaml.safe_dump(loss).lower()
+    entries = [KALM_V2_BIBTEX]
+    if "focal" in text:
+        entries.append(FOCAL_LOSS_BIBTEX)
+    if "hard_negative_mixing" in text and "hard_negative_mixing: null" not in text:
+        entries.append(MOCHI_BIBTEX)
+    if "cached" in text or "mini_batch_size" in text:
+        entries.append(GRADCACHE_BIBTEX)
+    if (config.get("matryoshka") or {}).get("enabled"):
+        entries.append(MRL_BIBTEX)
+    return entries
+
+
+def _recipe_section(configs: Sequence[Mapping[str, Any]]) -> str:
+    if not configs:
+        return (
+            "## Training recipe\n\nKaLM-Embedding-V2 recipe (bidirectional Qwen2 decoder, mean pooling, focal InfoNCE "
+            "with online hard-negative mixing, Matryoshka; weakly supervised pre-training, supervised fine-tuning, "
+            "contrastive distillation, model soup). The stage configs were not found next to the model.\n"
+        )
+    parts = ["## Training recipe\n"]
+    for index, config in enumerate(configs, 1):
+        stage = config.get("stage", f"stage {index}")
+        parts.append(f"### Stage {index}: {stage}\n")
+        loss = config.get("loss")
+        if loss:
+            parts.append(f"- **Loss**: `{loss.get('name')}`")
+            for key, value in (loss.get("kwargs") or {}).items():
+                parts.append(f"  - `{key}`: `{value}`")
+        matryoshka = config.get("matryoshka") or {}
+        if matryoshka.get("enabled"):
+            parts.append(f"- **Matryoshka**: dims `{matryoshka.get('dims')}`, weights `{matryoshka.get('weights')}`")
+        data = config.get("data") or {}
+        for name, task in (data.get("tasks") or {}).items():
+            parts.append(f"- **Data** `{name}`: `{task.get('path')}` ({task.get('type')})")
+        soup = config.get("soup") or {}
+        if soup:
+            parts.append(
+                f"- **Model soup** of {len(soup.get('models') or [])} checkpoints, weights `{soup.get('weights')}`"
+            )
+        args = config.get("args") or {}
+        keys = (
+            "learning_rate",
+            "per_device_train_batch_size",
+            "num_train_epochs",
+            "max_steps",
+            "warmup_steps",
+            "bf16",
+        )
+        hyper = ", ".join(f"`{k}={args[k]}`" for k in keys if k in args)
+        if hyper:
+            parts.append(f"- **Hyperparameters**: {hyper}")
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results and card.
+
+
+def eval_results_from_dir(output_dir: str | os.PathLike[str], model_meta_name: str | None = None) -> list[EvalResult]:
+    """``huggingface_hub.EvalResult`` entries (the card's ``model-index``) from an evaluation folder's main runs."""
+    from huggingface_hub import EvalResult
+    from mteb.results import TaskResult
+
+    root = Path(output_dir) / "results"
+    pattern = f"{model_meta_name.replace('/', '__')}/*/*.json" if model_meta_name else "*/*/*.json"
+    results: list[EvalResult] = []
+    for path in sorted(root.glob(pattern)):
+        if path.name == "model_meta.json":
+            continue
+        task_result = TaskResult.from_disk(path)
+        task = task_result.task_name
+        try:
+            import mteb
+
+            metadata = mteb.get_task(task).metadata
+            task_type, dataset, main = metadata.type, metadata.dataset.get("path", task), metadata.main_score
+        except KeyError:  # an offline task mteb does not register (TrecQA*)
+            from kalm_st.evaluation.tasks import LOCAL_TASKS
+
+            metadata = LOCAL_TASKS[task].metadata if task in LOCAL_TASKS else None
+            task_type = metadata.type if metadata else "Other"
+            dataset = metadata.dataset.get("path", task) if metadata else task
+            main = metadata.main_score if metadata else "main_score"
+        for split, subsets in task_result.scores.items():
+            for subset in subsets:
+                results.append(
+                    EvalResult(
+                        task_type=task_type,
+                        dataset_type=dataset,
+                        dataset_name=f"MTEB {task} ({subset['hf_subset']})",
+                        dataset_config=subset["hf_subset"],
+                        dataset_split=split,
+                        dataset_revision=task_result.dataset_revision,
+                        metric_type=main,
+                        metric_value=round(100 * float(subset["main_score"]), 2),
+                        source_name="MTEB",
+                        source_url="https://github.com/embeddings-benchmark/mteb",
+                    )
+                )
+    return results
+
+
+def build_model_card(
+    model: SentenceTransformer,
+    repo_id: str,
+    *,
+    eval_results: Sequence[EvalResult] = (),
+    training_configs: Sequence[Mapping[str, Any]] = (),
+    license: str = "apache-2.0",
+    languages: Iterable[str] = ("en",),
+    base_model: str | None = None,
+) -> ModelCard:
+    """A model card: YAML metadata with ``model-index`` + recipe, losses, citations, results, usage, license."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(
+        language=list(languages),
+        license=license,
+        library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity",
+        tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "kalm-st", "mteb"],
+        base_model=base_model,
+        model_name=repo_id.split("/")[-1],
+        eval_results=list(eval_results) or None,
+    )
+    query_prompt = model.prompts.get("query") or format_instruction(RETRIEVAL_INSTRUCTION)
+    sts_prompt = format_instruction(SYMMETRIC_INSTRUCTION)
+    dim = model.get_embedding_dimension()
+    results_table = ""
+    if eval_results:
+        rows = [
+            f"| {r.dataset_name} | {r.dataset_split} | {r.metric_type} | {r.metric_value:.2f} |" for r in eval_results
+        ]
+        results_table = "| task | split | metric | score |\n|---|---|---|---:|\n" + "\n".join(rows) + "\n"
+    citations: list[str] = []
+    for config in training_configs or [{}]:
+        for entry in loss_citations(config):
+            if entry not in citations:
+                citations.append(entry)
+    citations.append(SBERT_BIBTEX)
+    body = f"""# {repo_id.split("/")[-1]}
+
+A sentence embedding model trained with [kalm-st](https://arxiv.org/abs/2506.20923), the KaLM-Embedding-V2 recipe
+on sentence-transformers: a decoder made bidirectional, mean pooling, L2 normalisation, {dim}-d embeddings
+(Matryoshka: truncate to fewer dimensions with `truncate_dim`), up to {model.max_seq_length} tokens.
+
+## Usage
+
+Queries take a task instruction (`"Instruct: {{instruction}} \\n Query: "`); documents of retrieval tasks take none.
+The model ships its instruction table in `model.prompts`: `encode_query` / `encode_document` apply the
+retrieval defaults, and `prompt_name="<MTEB task name>"` picks a task's instruction.
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("{repo_id}")
+queries = model.encode_query(["how do I reset my card PIN?"])          # prompt: {query_prompt!r}
+documents = model.encode_document(["You can reset your PIN in the app under Card > PIN."])  # no prompt
+print(model.similarity(queries, documents))
+
+# Symmetric tasks (STS, pair classification): the same instruction on both sides.
+pair = model.encode(["A man plays a guitar.", "Someone is playing guitar."], prompt={sts_prompt!r})
+```
+
+{_recipe_section(training_configs)}
+## MTEB results
+
+{results_table or "No MTEB results were supplied."}
+## License
+
+{license}
+
+## Citation
+
+```bibtex
+{"".join(citations).strip()}
+```
+"""
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Push.
+
+
+def push_model(
+    model: str | os.PathLike[str] | SentenceTransformer,
+    repo_id: str,
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+    results_dir: str | os.PathLike[str] | None = None,
+    results_model_name: str | None = None,
+    training_configs: Sequence[Mapping[str, Any]] | None = None,
+    license: str = "apache-2.0",
+    commit_message: str = "Upload kalm-st model",
+) -> PushResult:
+    """Save ``model`` with a kalm-st model card and upload it to ``repo_id`` (or only list the files: ``dry_run``).
+
+    Args:
+        model: A model folder or a loaded model.
+        repo_id: ``org/name`` on the Hub.
+        private: Create the repository private.
+        dry_run: Build everything, upload nothing (no network, no token needed).
+        results_dir: An evaluation folder (:func:`kalm_st.evaluation.evaluate_model`'s ``output_dir``) whose main
+            results go into the card's ``model-index``.
+        results_model_name: The results' ``org/name`` when the folder holds several models.
+        training_configs: Resolved stage configs; default those found next to the model folder.
+        license: SPDX id for the card.
+        commit_message: Commit message of the upload.
+
+    Raises:
+        HubPushError: offline, not logged in, or no permission (the token is never shown).
+    """
+    from kalm_st.evaluation.run import load_model_for_eval
+
+    model_dir = None
+    if isinstance(model, (str, os.PathLike)):
+        model_dir = Path(os.fspath(model))
+        model = load_model_for_eval(model_dir)
+    st_model: SentenceTransformer = model  # type: ignore[assignment]
+    if training_configs is None:
+        training_configs = find_training_configs(model_dir) if model_dir is not None else []
+    results = eval_results_from_dir(results_dir, results_model_name) if results_dir is not None else []
+    card = build_model_card(
+        st_model, repo_id, eval_results=results, training_configs=training_configs, license=license
+    )
+
+    with tempfile.TemporaryDirectory(prefix="kalm-st-push-") as folder:
+        st_model.save(folder, create_model_card=False)
+        card.save(Path(folder) / "README.md")
+        files = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+        if dry_run:
+            return PushResult(repo_id=repo_id, files=files, card=str(card))
+        url = _upload(folder, repo_id, private=private, commit_message=commit_message)
+    logger.info("Pushed %d files to %s", len(files), repo_id)
+    return PushResult(repo_id=repo_id, files=files, card=str(card), url=url)
+
+
+def _upload(folder: str, repo_id: str, *, private: bool, commit_message: str) -> str:
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    try:
+        api = huggingface_hub.HfApi()  # token from HF_TOKEN or `hf auth login`, never passed around
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    except OfflineModeIsEnabled:
+        raise HubPushError(
+            "The Hugging Face Hub is offline (HF_HUB_OFFLINE is set): unset it to push, or use --dry-run."
+        ) from None
+    except LocalTokenNotFoundError:
+        raise HubPushError("Not logged in to the Hugging Face Hub: set HF_TOKEN or run `hf auth login`.") from None
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status in (401, 403):
+            raise HubPushError(
+                f"The Hub refused the push to {repo_id!r} (HTTP {status}): check that HF_TOKEN / `hf auth login` "
+                "is valid and has write access."
+            ) from None
+        raise HubPushError(f"The push to {repo_id!r} failed: HTTP {status}.") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+__all__ = [
+    "HubPushError",
+    "PushResult",
+    "build_model_card",
+    "eval_results_from_dir",
+    "find_training_configs",
+    "loss_citations",
+    "push_model",
+]
