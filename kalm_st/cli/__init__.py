@@ -25,9 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # kalm-st reports progress at INFO; other libraries stay at WARNING unless --verbose (sentence-transformers
+    # logs, e.g., every prompt key of the instruction table at INFO).
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("kalm_st").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, TypeError, ImportError, PermissionError) as error:
