@@ -5,7 +5,7 @@ set -euo pipefail
 LAUNCH=${LAUNCH:-}
 KALM="${LAUNCH:+$LAUNCH $(command -v kalm-st)}"; KALM=${KALM:-kalm-st}
 $KALM train training/configs/stage1_pretrain.yaml "$@"
-# curate stage-2/3 data with the stage-1 model here (kalm-st curate: mine, filter, label, teacher-scores)
+# curate stage-2/3 data with the stage-1 model here (kalm-st mine / filter / label / teacher-score)
 $KALM train training/configs/stage2_finetune.yaml "$@"
 $KALM train training/configs/stage3_distill.yaml "$@"
 kalm-st train training/configs/soup.yaml
