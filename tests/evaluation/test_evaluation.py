@@ -130,8 +130,8 @@ def minilm(minilm_dir):
     ("task", "published"),
     [
         ("STSBenchmark", 82.03),
-        pytest.param("SICK-R", 77.58, marks=pytest.mark.slow),  # 19,854 sentences: 1-4 min on 2 shared cores
-        pytest.param("Banking77Classification", 80.04, marks=pytest.mark.slow),
+        ("SICK-R", 77.58),  # 19,854 sentences: the longest test (about 2 minutes on 2 cores)
+        ("Banking77Classification", 80.04),
     ],
 )
 def test_minilm_reproduces_published_scores(minilm, shared_data_dir, tmp_path, task, published):
