@@ -43,15 +43,15 @@ class QuickstartSizes:
 
     stage1_sts: int = 640
     stage1_trecqa: int = 512
-    curated_sts: int = 256
-    curated_trecqa_questions: int = 60
-    banking_classes: int = 24
-    banking_per_class: int = 10
+    curated_sts: int = 128
+    curated_trecqa_questions: int = 30
+    banking_classes: int = 16
+    banking_per_class: int = 8
     num_negatives: int = 3
     mine_range: tuple[int, int] = (10, 40)
     filter_top_k: int = 20
-    eval_sts_pairs: int = 400
-    eval_trecqa_questions: int = 50
+    eval_sts_pairs: int = 300
+    eval_trecqa_questions: int = 30
 
 
 @dataclass
