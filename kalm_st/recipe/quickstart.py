@@ -146,6 +146,7 @@ def prepare_stage1_data(workdir: Path, sizes: QuickstartSizes, seed: int = 0) ->
 
 def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed: int = 0) -> dict[str, str]:
     """Mine + filter (STS-B, TrecQA) with ``model``, label Banking77, score everything with ``teacher``."""
+    import torch
     from datasets import Dataset
 
     from kalm_st.data import filter_by_rank, label_examples, mine_hard_negatives, score_with_teacher
@@ -178,30 +179,34 @@ def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed
     qa_q, qa_d = training_prompt(TRECQA_TASK, "Retrieval")
 
     curated: dict[str, Any] = {}
+    # The student encodes under bf16 autocast on CPU, as in training and evaluation (2-3x faster than fp32); the
+    # teacher scores below stay in fp32.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available())
     for name, data, corp, qp, dp in (
         ("sts", sts, corpus, sts_q, sts_d),
         ("trecqa", qa, qa_corpus, qa_q, qa_d),
     ):
-        kept, filt = filter_by_rank(
-            data,
-            model,
-            top_k=sizes.filter_top_k,
-            corpus=corp,
-            query_prompt=qp,
-            corpus_prompt=dp or None,
-            show_progress_bar=False,
-        )
-        mined = mine_hard_negatives(
-            kept,
-            model,
-            corpus=corp,
-            range_min=lo,
-            range_max=hi,
-            num_negatives=n,
-            query_prompt=qp,
-            corpus_prompt=dp or None,
-            seed=seed,
-        )
+        with autocast:
+            kept, filt = filter_by_rank(
+                data,
+                model,
+                top_k=sizes.filter_top_k,
+                corpus=corp,
+                query_prompt=qp,
+                corpus_prompt=dp or None,
+                show_progress_bar=False,
+            )
+            mined = mine_hard_negatives(
+                kept,
+                model,
+                corpus=corp,
+                range_min=lo,
+                range_max=hi,
+                num_negatives=n,
+                query_prompt=qp,
+                corpus_prompt=dp or None,
+                seed=seed,
+            )
         curated[name] = mined
         report[name] = f"{filt}; mined {n} negatives from ranks {lo}-{hi}: {len(mined)} rows"
 
