@@ -34,7 +34,9 @@ def checkpoint(tmp_path_factory):
 def test_backend_is_bidirectional_in_bf16(checkpoint, backend):
     from kalm_st import load_model
 
-    model = load_model(checkpoint, device="cuda", model_kwargs={"dtype": torch.bfloat16, "attn_implementation": backend})
+    model = load_model(
+        checkpoint, device="cuda", model_kwargs={"dtype": torch.bfloat16, "attn_implementation": backend}
+    )
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 61, 250]], device="cuda")
     changed = ids.clone()
     changed[0, -1] = 251
