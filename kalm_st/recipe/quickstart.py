@@ -44,7 +44,7 @@ class QuickstartSizes:
     stage1_sts: int = 640
     stage1_trecqa: int = 512
     curated_sts: int = 128
-    curated_trecqa_questions: int = 30
+    curated_trecqa_questions: int = 24
     banking_classes: int = 16
     banking_per_class: int = 8
     num_negatives: int = 3
