@@ -778,7 +778,8 @@ def select_temperature(ctx: Context, student: str, candidates: Sequence[float]) 
                 result = evaluate(
                     model, spec, data_dir, scratch / "dev", settings.instructions, settings.eval_dtype, DEV_TASKS
                 )
-            _write_result(path, {"temperature": temperature, "mode": ctx.mode.name, **info, **result})
+            steps = {"max_steps": ctx.mode.max_steps[student], "batch_size": ctx.mode.batch_size[student]}
+            _write_result(path, {"temperature": temperature, "mode": ctx.mode.name, **steps, **info, **result})
         table[temperature] = json.loads(path.read_text())["scores"]
         logger.info("%s tau=%s dev: %s", student, temperature, _fmt_scores(table[temperature]))
     return table
@@ -992,6 +993,7 @@ def write_report(work_dir: Path, doc_path: Path = DOC_PATH, chart_path: Path = C
                 *results_table(rows),
                 "",
             ]
+    out += selection_section(work_dir)
     out += ["## Published scores (context, full tasks; from shared/data/SOURCES.md)", ""]
     from kalm_st.evaluation import PUBLISHED_SCORES
 
@@ -1019,6 +1021,31 @@ def write_report(work_dir: Path, doc_path: Path = DOC_PATH, chart_path: Path = C
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     doc_path.write_text("\n".join(out), encoding="utf8")
     return doc_path
+
+
+def selection_section(work_dir: Path) -> list[str]:
+    """The ``--select`` runs: arm 1 per candidate temperature, scored on STS-B dev and TrecQA dev only."""
+    out = ["## Hyperparameter selection (dev sets only)", ""]
+    runs = sorted((work_dir / "results" / "select").glob("*/tau*.json"))
+    if not runs:
+        return [*out, "Not run (no results stored).", ""]
+    out += [
+        "`python benchmarks/ablation.py --select --students minilm --temperatures 0.02 0.05 0.1`: arm 1 trained "
+        "once per candidate temperature (seed 0), scored on the whole STS-B dev split and TrecQA dev split; no test "
+        "split is read. The temperature with the best mean is the `loss.temperature` of `common.yaml`.",
+        "",
+        "| student | temperature | steps x batch | STS-B dev | TrecQA dev (MAP) | mean | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in runs:
+        run = json.loads(path.read_text(encoding="utf8"))
+        scores = run["scores"]
+        shape = f"{run['max_steps']} x {run['batch_size']}" if "max_steps" in run else f"{run['mode']} mode"
+        out.append(
+            f"| {path.parent.name} | {run['temperature']} | {shape} | {scores['STSBenchmark']:.2f} | "
+            f"{scores['TrecQAReranking']:.2f} | {statistics.fmean(scores.values()):.2f} | {run['train_seconds']:.0f} |"
+        )
+    return [*out, ""]
 
 
 def _read_meta(work_dir: Path, mode: str) -> list[dict[str, Any]]:
