@@ -71,6 +71,17 @@ class HardNegativeMixing:
         """Re-seed the generator: the next draws repeat the first ones."""
         self.generator.manual_seed(self.seed)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The random state (torch convention), checkpointed so that a resumed run draws the same mixes."""
+        return {"seed": self.seed, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(
+                f"HardNegativeMixing state was saved with seed {state.get('seed')}, this one has {self.seed}"
+            )
+        self.generator.set_state(state["generator"])
+
     def num_synthetic(self, num_hard_negatives: int) -> int:
         """Synthetic negatives per query for ``num_hard_negatives`` hard-negative columns."""
         return num_hard_negatives if self.num_mixed_negatives is None else self.num_mixed_negatives

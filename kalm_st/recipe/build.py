@@ -273,6 +273,8 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     """Build model, datasets, losses, arguments and trainer of a training stage (nothing is trained)."""
     from sentence_transformers import SentenceTransformerTrainer
 
+    from kalm_st.recipe.mixing_state import MixingStateCallback, mixing_objects
+
     if not config.is_training:
         raise ConfigError(f"{config.source}: stage 'soup' has no trainer; use kalm_st.recipe.soup.run_soup.")
     assert config.data is not None
@@ -286,13 +288,17 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     model = build_stage_model(config)
     args = training_arguments(config, prompts)
     losses = build_losses(model, config)
+    callbacks = list(callbacks)
+    mixings = mixing_objects(losses)
+    if mixings:  # the Trainer checkpoints no loss state: save the mixing generators ourselves
+        callbacks.append(MixingStateCallback(mixings))
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         loss=losses,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
     )
     return StageRun(config, model, train_dataset, eval_dataset, losses, args, trainer)
 
@@ -378,11 +384,14 @@ def run_stage(
             {task: type(loss).__name__ for task, loss in run.losses.items()},
         )
         return None
+    from kalm_st.recipe.mixing_state import load_mixing_state, mixing_objects
+
     trainer = run.trainer
     if trainer.is_world_process_zero():
         save_resolved_config(config)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
+        load_mixing_state(mixing_objects(run.losses), checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     final = config.final_model_dir
     if trainer.is_world_process_zero():

@@ -136,8 +136,8 @@ class Kill(TrainerCallback):
         if state.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, like a preempted job
 
-overrides = [f"output_dir={out}", "loss.kwargs.hard_negative_mixing=null", "args.max_steps=6",
-             "args.save_steps=2", "args.logging_steps=1"]
+# tiny_smoke.yaml mixes hard negatives: the resumed run must replay the mixes too (checkpointed generator state)
+overrides = [f"output_dir={out}", "args.max_steps=6", "args.save_steps=2", "args.logging_steps=1"]
 run_stage(load_config(config_path, overrides), resume=resume, callbacks=[Kill()] if kill_at else [])
 """
 
@@ -176,6 +176,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path: Path) -> None:
     assert killed.returncode == -9  # SIGKILL at step 5, after checkpoint-4
     assert not (tmp_path / "killed" / "final").exists()
     assert last_complete_checkpoint(tmp_path / "killed") == tmp_path / "killed" / "checkpoint-4"
+    assert (tmp_path / "killed" / "checkpoint-4" / "hard_negative_mixing.pt").is_file()
     resumed = _worker(tmp_path, tmp_path / "killed", resume=True, kill_at=0)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr
