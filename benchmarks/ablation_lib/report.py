@@ -178,7 +178,7 @@ def write_report(work_dir: Path, doc_path: Path = DOC_PATH, chart_path: Path = C
         out += [f"## {mode} mode", ""]
         for meta in metas:
             out += [
-                f"- `{meta['command']}`: {meta['wall_seconds'] / 60:.1f} min wall"
+                f"- `{meta['command'].split(' --note ')[0]}`: {meta['wall_seconds'] / 60:.1f} min wall"
                 + (f" ({meta['note']})" if meta.get("note") else "")
                 + f"; load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}",
             ]
