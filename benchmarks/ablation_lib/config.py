@@ -208,8 +208,9 @@ def load_common(path: Path = CONFIG_DIR / "common.yaml") -> CommonConfig:
 
 def config_diff() -> list[str]:
     lines: list[str] = []
+    arms = load_arms()
     for name in ARM_NAMES[1:]:
-        arm = load_arms()[name]
+        arm = arms[name]
         before = (CONFIG_DIR / f"{arm.base}.yaml").read_text(encoding="utf8").splitlines()
         after = (CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf8").splitlines()
         lines += list(difflib.unified_diff(before, after, f"{arm.base}.yaml", f"{name}.yaml", lineterm="", n=0))

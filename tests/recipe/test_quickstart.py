@@ -1,6 +1,6 @@
 """The quickstart pipeline end to end (every stage, curation, soup, before/after evaluation) on a tiny backbone.
 
-The real run (SmolLM2-135M, ~15 minutes) is documented in docs/quickstart.md; this checks the wiring in CI.
+The real run (SmolLM2-135M, ~13 minutes with installs) is documented in docs/quickstart.md; this checks the wiring in CI.
 """
 
 from __future__ import annotations
