@@ -27,6 +27,7 @@ from kalm_st.modules.bidirectional_decoder import (
     require_bidirectional_support,
 )
 from kalm_st.modules.mean_pooling import MeanPooling
+from kalm_st.precision import use_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +147,19 @@ def _check_text_inputs(inputs: Any) -> None:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """``"auto"``/None: bfloat16 on a GPU (KaLM trains in bf16), float32 on CPU."""
+    """``"auto"``/None: bfloat16 on a GPU (KaLM trains in bf16), float32 weights on CPU.
+
+    bf16 *compute* on a CPU comes from autocast, and only where the CPU has bf16 in hardware (``args.bf16: auto``,
+    :mod:`kalm_st.precision`). An explicit ``bfloat16`` is honoured, with a warning on a CPU where it is slow.
+    """
     if dtype in (None, "auto"):
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"Unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
-        return getattr(torch, dtype)
+        dtype = getattr(torch, dtype)
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        use_bf16(True, cuda=False, what="dtype=bfloat16")  # honoured; warns on a CPU where bf16 is slow
     return dtype
 
 

@@ -82,9 +82,9 @@ class ArmConfig:
 class StudentConfig:
     learning_rate: float
     max_seq_length: int
-    bf16: bool
+    bf16: bool | str  # true, false or "auto" (kalm_st.precision: bf16 only where the hardware computes it fast)
     instructions: bool
-    eval_dtype: str
+    eval_dtype: str  # float32, bfloat16 or "auto" (bfloat16 where bf16 is fast, else float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kalm_st.precision import use_bf16
+
 from .assets import load_student, load_teacher
 from .config import (
     DEV_TASKS,
@@ -89,7 +91,7 @@ def train(
         learning_rate=settings.learning_rate,
         warmup_steps=common.warmup_ratio,
         weight_decay=common.weight_decay,
-        bf16=settings.bf16,
+        bf16=use_bf16(settings.bf16, what="students.bf16"),
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs it
         seed=seed,
         data_seed=seed,
@@ -136,6 +138,8 @@ def evaluate(
         if task.metadata.name == "Banking77Classification" and spec.banking77_samples_per_label is not None:
             task.samples_per_label = spec.banking77_samples_per_label
     model.eval()
+    if eval_dtype == "auto":
+        eval_dtype = "bfloat16" if use_bf16("auto") else "float32"
     if eval_dtype != "float32":
         model.to(getattr(torch, eval_dtype))
     start = time.perf_counter()

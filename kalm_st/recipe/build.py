@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from kalm_st.precision import use_bf16
 from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, StageConfig, TaskConfig
 
 logger = logging.getLogger(__name__)
@@ -260,6 +262,12 @@ def training_arguments(config: StageConfig, prompts: dict[str, Any] | None = Non
     assert config.data is not None
     args: dict[str, Any] = {"seed": config.seed, "data_seed": config.seed, **config.args}
     args["output_dir"] = config.output_dir
+    if "bf16" in args:  # "auto": bf16 on a GPU that has it, on a CPU only where bf16 is fast (kalm_st.precision)
+        on_cuda = torch.cuda.is_available() and not args.get("use_cpu", False)
+        try:
+            args["bf16"] = use_bf16(args["bf16"], cuda=on_cuda, what=f"{config.source}: args.bf16")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     args.setdefault("multi_dataset_batch_sampler", _multi_dataset_sampler(config))
     if prompts is not None and "prompts" not in config.args:
         args["prompts"] = prompts

@@ -428,6 +428,10 @@ def check_training_args(args: Mapping[str, Any], source: str) -> None:
     for key, value in args.items():
         if key not in fields:
             raise ConfigError(f"{source}: unknown key args.{key} (not a SentenceTransformerTrainingArguments field).")
+        if key == "bf16":  # kalm-st adds "auto", resolved per device when the arguments are built (kalm_st.precision)
+            if value not in (True, False, "auto"):
+                raise ConfigError(f"{source}: args.bf16 must be true, false or 'auto', got {value!r:.60}.")
+            continue
         expected = _simple_type(fields[key].type)
         if expected is None or value is None:
             continue
