@@ -78,7 +78,12 @@ def test_bad_setting_names_the_key() -> None:
 
 def test_real_capability_query_follows_torchs_switch() -> None:
     """The emulation variables of ENVIRONMENT.md make any x86 CPU answer AVX2 and choose fp32."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
     script = (
         "import json, torch\nfrom kalm_st import precision\n"
         "print(json.dumps([torch.backends.cpu.get_cpu_capability(), precision.cpu_isa(), precision.cpu_bf16_is_fast()]))"
@@ -102,5 +107,7 @@ def test_stage_args_bf16_auto_resolves_per_cpu(cpu_kind, isa: str, expected: boo
 
 
 def test_stage_args_bf16_bad_value_is_a_config_error(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"stage1_pretrain\.yaml.*: args\.bf16 must be true, false or 'auto', got 'sometimes'"):
+    with pytest.raises(
+        ConfigError, match=r"stage1_pretrain\.yaml.*: args\.bf16 must be true, false or 'auto', got 'sometimes'"
+    ):
         load_config(CONFIG_DIR / "quickstart" / "stage1_pretrain.yaml", overrides=["args.bf16=sometimes"])
