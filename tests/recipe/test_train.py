@@ -142,25 +142,33 @@ run_stage(load_config(config_path, overrides), resume=resume, callbacks=[Kill()]
 """
 
 
-def _worker(tmp_path: Path, out: Path, resume: bool, kill_at: int) -> subprocess.CompletedProcess:
+def _start_worker(tmp_path: Path, out: Path, resume: bool, kill_at: int) -> subprocess.Popen:
     script = tmp_path / "worker.py"
     script.write_text(_WORKER, encoding="utf8")
+    # One thread per process: the bitwise comparison below needs the same reduction order in every run.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(CONFIG_DIR / "tiny_smoke.yaml"),
-            str(out),
-            "1" if resume else "0",
-            str(kill_at),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [
+        sys.executable,
+        str(script),
+        str(CONFIG_DIR / "tiny_smoke.yaml"),
+        str(out),
+        str(int(resume)),
+        str(kill_at),
+    ]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _worker(tmp_path: Path, out: Path, resume: bool, kill_at: int) -> subprocess.CompletedProcess:
+    return _finish(_start_worker(tmp_path, out, resume, kill_at))
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -170,9 +178,11 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_kill_and_resume_gives_the_same_weights(tmp_path: Path) -> None:
-    full = _worker(tmp_path, tmp_path / "full", resume=False, kill_at=0)
-    assert full.returncode == 0, full.stderr[-3000:]
+    # The uninterrupted run and the run to be killed are independent single-threaded processes: run them side by side.
+    full_process = _start_worker(tmp_path, tmp_path / "full", resume=False, kill_at=0)
     killed = _worker(tmp_path, tmp_path / "killed", resume=False, kill_at=5)
+    full = _finish(full_process)
+    assert full.returncode == 0, full.stderr[-3000:]
     assert killed.returncode == -9  # SIGKILL at step 5, after checkpoint-4
     assert not (tmp_path / "killed" / "final").exists()
     assert last_complete_checkpoint(tmp_path / "killed") == tmp_path / "killed" / "checkpoint-4"
