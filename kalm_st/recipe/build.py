@@ -197,10 +197,10 @@ def load_task_datasets(config: StageConfig, tasks: dict[str, TaskConfig]) -> Any
             require_negatives=config.stage in ("finetune", "distill"),
             num_negatives=config.data.num_negatives,
         )
-        if list(loaded) != [name]:
+        if name not in loaded:  # a file of several tasks (a curation output) gives the task of the same name
             raise ConfigError(
-                f"{config.source}: data.tasks.{name}.path {task.path!r} holds tasks {list(loaded)}; "
-                f"expected only {name!r} (drop its 'task' column or list each task separately)."
+                f"{config.source}: data.tasks.{name}.path {task.path!r} holds tasks {list(loaded)}, not {name!r} "
+                "(rename the task after the file's 'task' values, or drop that column)."
             )
         dataset = loaded[name]
         if task.max_rows is not None:

@@ -1,0 +1,391 @@
+"""What each step kind of a recipe does: its inputs, its output, and how it runs (one function per kind).
+
+Every function takes a :class:`StepContext` (the step with its ``@step`` references already replaced by paths) and
+returns a small summary (row counts, scores) that goes into the step's manifest. Outputs are written atomically, so a
+killed step leaves either nothing or a complete output; an interrupted step is resumed by the runner (training from
+its last checkpoint, teacher scores and mined embeddings from their caches under the step's folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kalm_st.recipe.config import ConfigError, StageConfig, parse_yaml
+from kalm_st.recipe.recipe import Step
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "data.parquet"
+"""Curation steps write ``{step_dir}/data.parquet`` (a ``task`` column keeps the tasks apart)."""
+SCORES_FILE = "scores.json"
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One step, ready to run: settings with references resolved, and its folders."""
+
+    step: Step
+    settings: Any
+    """``step.settings`` with every ``@name`` replaced by that step's output path."""
+    step_dir: Path
+    output: Path | None
+    """Where the step's output goes (None for steps without one, e.g. push)."""
+    builtin_dir: Path
+    """Where built-in backbones (``builtin:...``) are materialised once per recipe output folder."""
+    resume: bool
+    """True when an interrupted run of this very step (same fingerprint) left work to continue."""
+
+
+def default_output(step: Step, step_dir: Path) -> Path | None:
+    if step.output is not None:
+        return Path(step.output)
+    if step.kind in ("train", "soup"):
+        return step_dir / "final"
+    if step.kind in ("mine", "filter", "label", "teacher-score"):
+        return step_dir / DATA_FILE
+    if step.kind == "eval":
+        return step_dir / "results"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models and data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def materialise_builtin(name: str, builtin_dir: Path) -> Path:
+    """A ``builtin:...`` backbone as a folder under ``builtin_dir`` (written once, atomically)."""
+    from kalm_st.io import atomic_directory
+    from kalm_st.recipe.backbones import BUILTIN_PREFIX, write_builtin_backbone
+
+    folder = builtin_dir / name.removeprefix(BUILTIN_PREFIX)
+    if not (folder / "config.json").is_file():
+        with atomic_directory(folder) as tmp:
+            write_builtin_backbone(name, tmp)
+    return folder
+
+
+def load_encoder(value: str, ctx: StepContext, max_seq_length: int | None = None) -> Any:
+    """A model for encoding: a sentence-transformers folder, a decoder checkpoint (made bidirectional) or a built-in."""
+    from kalm_st.model import build_model, load_model
+    from kalm_st.recipe.backbones import BUILTIN_PREFIX
+
+    if value.startswith(BUILTIN_PREFIX):
+        value = str(materialise_builtin(value, ctx.builtin_dir))
+    if (Path(value) / "modules.json").is_file():
+        model = load_model(value)
+        if max_seq_length is not None:
+            model.max_seq_length = max_seq_length
+        return model
+    return build_model(value, **({"max_seq_length": max_seq_length} if max_seq_length else {}))
+
+
+def _load_data(paths: tuple[str, ...]) -> Any:
+    from kalm_st.data import load_training_data
+
+    return load_training_data(list(paths))
+
+
+def _corpus(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    from kalm_st.data.formats import read_table
+
+    table = read_table(path)
+    if "text" not in table.column_names:
+        raise ConfigError(f"corpus {path!r}: needs a 'text' column (have {table.column_names}).")
+    return list(table["text"])
+
+
+def _prompts(task: str, task_types: Mapping[str, str], instructions: bool) -> tuple[str, str]:
+    """(query prompt, document prompt) of a task for curation: the same resolver as training's prompts."""
+    if not instructions:
+        return "", ""
+    from kalm_st.data.formats import SINGLE_TEXT_TASK_TYPES
+    from kalm_st.instructions import training_prompt
+
+    task_type = task_types.get(task)
+    query_prompt, document_prompt = training_prompt(task, task_type)
+    if task_type in SINGLE_TEXT_TASK_TYPES:
+        document_prompt = query_prompt
+    return query_prompt, document_prompt
+
+
+def _write(data: Any, output: Path) -> dict[str, int]:
+    from kalm_st.data import write_training_data
+
+    write_training_data(data, output)
+    return {task: len(dataset) for task, dataset in data.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Step kinds
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` merged in, JSON merge-patch style (RFC 7386): mappings merge key by key, a ``null``
+    value deletes the key (e.g. ``data: {tasks: {sts: null}}`` drops a task of the stage file), anything else
+    replaces."""
+    merged = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def stage_config(settings: Any, step: Step, step_dir: Path) -> StageConfig:
+    """The train step's stage config: the stage file, merged with ``set:``, writing into the step's folder."""
+    path = Path(settings.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"step {step.name!r}: config {settings.config!r} does not exist.")
+    raw = parse_yaml(path.read_text(encoding="utf8"), str(path))
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: a stage config must be a mapping.")
+    merged = deep_merge(raw, settings.set)
+    merged["output_dir"] = str(step_dir)
+    return StageConfig.from_dict(merged, f"{path} (step {step.name!r} of the recipe)")
+
+
+def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
+    """Every path or model id a stage reads, each with whether it is a model: its starting model, its data files,
+    its soup ingredients."""
+    inputs: list[tuple[str, bool]] = []
+    if config.model is not None:
+        inputs.append((config.model.init_from, True))
+    if config.data is not None:
+        inputs += [(task.path, False) for task in config.data.tasks.values()]
+        inputs += [(task.path, False) for task in config.data.eval_tasks.values()]
+    if config.soup is not None:
+        inputs += [(path, True) for path in config.soup.models]
+    return inputs
+
+
+def run_train(ctx: StepContext) -> dict[str, Any]:
+    import dataclasses
+
+    from kalm_st.io import atomic_directory
+    from kalm_st.recipe.backbones import BUILTIN_PREFIX
+    from kalm_st.recipe.build import last_complete_checkpoint, run_stage
+
+    config = stage_config(ctx.settings, ctx.step, ctx.step_dir)
+    if config.model is not None and config.model.init_from.startswith(BUILTIN_PREFIX):
+        folder = materialise_builtin(config.model.init_from, ctx.builtin_dir)  # converted once, not per stage
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=str(folder)))
+    resume = ctx.resume and last_complete_checkpoint(ctx.step_dir) is not None
+    final = run_stage(config, resume=resume)
+    assert final is not None
+    if ctx.output is not None and ctx.output != final:
+        import shutil
+
+        with atomic_directory(ctx.output) as tmp:
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
+    return {"resumed": resume}
+
+
+def run_mine(ctx: StepContext) -> dict[str, Any]:
+    from datasets import DatasetDict
+
+    from kalm_st.data import mine_hard_negatives
+
+    s = ctx.settings
+    data, model, corpus, out = _load_data(s.data), load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
+    for task, dataset in data.items():
+        query_prompt, corpus_prompt = _prompts(task, s.task_types, s.instructions)
+        out[task] = mine_hard_negatives(
+            dataset,
+            model,
+            corpus=corpus,
+            range_min=s.range_min,
+            range_max=s.range_max,
+            num_negatives=s.num_negatives,
+            sampling_strategy=s.sampling,
+            query_prompt=query_prompt,
+            corpus_prompt=corpus_prompt,
+            output_scores=s.scores,
+            batch_size=s.batch_size,
+            use_faiss=s.faiss,
+            cache_folder=ctx.step_dir / "cache",
+            seed=s.seed,
+        )
+    return {"rows": _write(out, ctx.output)}
+
+
+def run_filter(ctx: StepContext) -> dict[str, Any]:
+    from datasets import DatasetDict
+
+    from kalm_st.data import filter_by_rank
+
+    s = ctx.settings
+    data, model, corpus, out = _load_data(s.data), load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
+    dropped = {}
+    for task, dataset in data.items():
+        query_prompt, corpus_prompt = _prompts(task, s.task_types, s.instructions)
+        out[task], report = filter_by_rank(
+            dataset,
+            model,
+            top_k=s.top_k,
+            corpus=corpus,
+            query_prompt=query_prompt,
+            corpus_prompt=corpus_prompt,
+            batch_size=s.batch_size,
+        )
+        dropped[task] = report.dropped
+    return {"rows": _write(out, ctx.output), "dropped": dropped}
+
+
+def run_label(ctx: StepContext) -> dict[str, Any]:
+    from datasets import DatasetDict, concatenate_datasets
+
+    from kalm_st.data import label_examples
+    from kalm_st.data.formats import read_table
+
+    s = ctx.settings
+    parts = [
+        label_examples(
+            read_table(path),
+            text_column=s.text_column,
+            label_column=s.label_column,
+            num_negatives=s.num_negatives,
+            seed=s.seed,
+        )
+        for path in s.data
+    ]
+    labelled = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return {"rows": _write(DatasetDict({s.task: labelled}), ctx.output)}
+
+
+def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
+    from datasets import DatasetDict
+    from sentence_transformers import CrossEncoder
+
+    from kalm_st.data import score_with_teacher
+
+    s = ctx.settings
+    data = _load_data(s.data)
+    teacher = CrossEncoder(s.teacher) if s.cross_encoder else load_encoder(s.teacher, ctx)
+    out = DatasetDict()
+    for task, dataset in data.items():
+        # A reranker reads (query, text) pairs as they are; an embedding teacher gets the task's instructions.
+        prompts = (None, None) if s.cross_encoder else _prompts(task, s.task_types, s.instructions)
+        out[task] = score_with_teacher(
+            dataset,
+            teacher,
+            query_prompt=prompts[0],
+            document_prompt=prompts[1],
+            batch_size=s.batch_size,
+            cache_dir=ctx.step_dir / "cache",
+            teacher_id=s.teacher_id,
+        )
+    kind = "cross-encoder" if s.cross_encoder else "embedding"
+    return {"rows": _write(out, ctx.output), "teacher": s.teacher, "teacher_kind": kind}
+
+
+def run_soup(ctx: StepContext) -> dict[str, Any]:
+    from kalm_st.recipe.soup import soup
+
+    s = ctx.settings
+    soup(list(s.models), ctx.output, list(s.weights) if s.weights is not None else None)
+    return {"models": list(s.models)}
+
+
+def run_eval(ctx: StepContext) -> dict[str, Any]:
+    from kalm_st.evaluation import evaluate_model
+    from kalm_st.io import write_json_atomic
+
+    s = ctx.settings
+    model = load_encoder(s.model, ctx, max_seq_length=s.max_seq_length)
+    run = evaluate_model(
+        model,
+        list(s.tasks),
+        output_dir=ctx.output,
+        data_dir=s.data_dir,
+        batch_size=s.batch_size,
+        instructions=s.instructions,
+        model_name=f"kalm-st/{ctx.step.name}",
+    )
+    scores = {task: round(100 * score, 4) for task, score in run.scores.items()}
+    for task, score in scores.items():
+        if score != score:  # NaN: every pair scored the same
+            logger.warning(
+                "step %s: %s scored NaN: the embeddings are constant (is max_seq_length shorter than the "
+                "instruction, so every text is truncated to the prompt?)",
+                ctx.step.name,
+                task,
+            )
+    write_json_atomic(ctx.step_dir / SCORES_FILE, scores)
+    return {"scores": scores}
+
+
+def run_push(ctx: StepContext) -> dict[str, Any]:
+    from kalm_st.evaluation.hub import push_model
+
+    s = ctx.settings
+    result = push_model(s.model, s.repo_id, private=s.private, results_dir=s.results)
+    return {"url": result.url, "files": len(result.files)}
+
+
+RUNNERS: Mapping[str, Callable[[StepContext], dict[str, Any]]] = {
+    "train": run_train,
+    "mine": run_mine,
+    "filter": run_filter,
+    "label": run_label,
+    "teacher-score": run_teacher_score,
+    "soup": run_soup,
+    "eval": run_eval,
+    "push": run_push,
+}
+
+
+_MODEL_FIELDS = ("model", "models", "teacher")
+_INPUT_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "mine": ("model", "data", "corpus"),
+    "filter": ("model", "data", "corpus"),
+    "label": ("data",),
+    "teacher-score": ("teacher", "data"),
+    "soup": ("models",),
+    "eval": ("model", "data_dir"),
+    "push": ("model", "results"),
+}
+
+
+def step_inputs(step: Step, settings: Any) -> list[tuple[str, bool]]:
+    """The paths and model ids a step reads (references already resolved), each with whether it is a model; for
+    fingerprints and ``--dry-run``. Train steps: :func:`stage_inputs`."""
+    inputs: list[tuple[str, bool]] = []
+    for name in _INPUT_FIELDS[step.kind]:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        inputs += [(v, name in _MODEL_FIELDS) for v in values]
+    return inputs
+
+
+def read_scores(step_dir: Path) -> dict[str, float]:
+    path = step_dir / SCORES_FILE
+    return json.loads(path.read_text(encoding="utf8")) if path.is_file() else {}
+
+
+__all__ = [
+    "DATA_FILE",
+    "RUNNERS",
+    "StepContext",
+    "deep_merge",
+    "default_output",
+    "load_encoder",
+    "materialise_builtin",
+    "read_scores",
+    "stage_config",
+    "stage_inputs",
+    "step_inputs",
+]

@@ -1,0 +1,233 @@
+"""``kalm-st run``: the tiny twin of the paper's recipe end to end, skips, re-runs of changed steps and their
+dependents, resume after SIGKILL in each step kind (bit-identical weights), and bad recipes caught by ``--dry-run``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kalm_st.cli import main
+from kalm_st.recipe.recipe import RecipeError, load_recipe, recipe_from_dict
+from kalm_st.recipe.runner import MANIFEST, check_recipe, run_recipe
+
+from .conftest import REPO_ROOT
+
+RECIPES = sorted((REPO_ROOT / "training" / "recipes").glob("*.yaml"))
+TINY_TWIN = REPO_ROOT / "training" / "recipes" / "kalm_v2_tiny.yaml"
+
+
+@pytest.fixture
+def in_repo(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Recipes name their data relative to the clone's root, as users run them."""
+    monkeypatch.chdir(REPO_ROOT)
+    return REPO_ROOT
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_dry_runs_offline(path: Path, in_repo: Path, tmp_path: Path, capsys) -> None:
+    assert main(["run", str(path), "--dry-run", "--set", f"output_dir={tmp_path / 'out'}"]) == 0, capsys.readouterr()
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_tiny_twin_end_to_end_skip_and_rerun_of_a_changed_step(in_repo: Path, tmp_path: Path) -> None:
+    out = f"output_dir={tmp_path / 'run'}"
+    recipe = load_recipe(TINY_TWIN, [out])
+    first = run_recipe(recipe)
+    names = [step.name for step in recipe.steps]
+    assert first.status == dict.fromkeys(names, "ran")
+    evaluate = json.loads((tmp_path / "run" / "evaluate" / MANIFEST).read_text())
+    assert math.isfinite(evaluate["summary"]["scores"]["STSBenchmark"])
+    for name in names:
+        manifest = json.loads((tmp_path / "run" / name / MANIFEST).read_text())
+        assert {"fingerprint", "config", "inputs", "versions", "seconds", "summary"} <= set(manifest)
+        assert manifest["versions"]["sentence-transformers"]
+    # Curation outputs feed training: stage-2 rows carry the 3 mined / labelled negatives, stage-3 rows teacher scores.
+    teacher = run_rows(tmp_path / "run" / "teacher" / "data.parquet")
+    assert {"tiny_train", "Banking77Classification"} == set(teacher["task"])
+    assert all(len(label) == 4 for label in teacher["label"])
+
+    again = run_recipe(load_recipe(TINY_TWIN, [out]))
+    assert again.status == dict.fromkeys(names, "skipped")
+
+    changed = run_recipe(load_recipe(TINY_TWIN, [out, "finetune_seed1.set.args.learning_rate=3.0e-5"]))
+    rerun = {"finetune_seed1", "soup", "teacher", "distill", "evaluate"}  # the step and everything that reads it
+    assert changed.status == {name: "ran" if name in rerun else "skipped" for name in names}
+
+
+def run_rows(path: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pydict()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SIGKILL in each step kind, then a re-run: the same final weights as an uninterrupted run.
+
+_KILL_RECIPE = """
+output_dir: {out}
+steps:
+  - name: first
+    kind: train
+    config: training/configs/tiny_smoke.yaml
+    set:
+      model: {{max_seq_length: 32}}
+      loss: {{kwargs: {{hard_negative_mixing: null}}}}
+      args: {{max_steps: 4, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1}}
+  - name: mine
+    kind: mine
+    model: "@first"
+    data: training/data/tiny_train.jsonl
+    instructions: false
+    range_min: 2
+    range_max: 16
+    num_negatives: 3
+  - name: teacher
+    kind: teacher-score
+    teacher: "@first"
+    data: "@mine"
+    instructions: false
+  - name: second
+    kind: train
+    config: training/configs/tiny_smoke.yaml
+    set:
+      model: {{init_from: "@first", max_seq_length: 32}}
+      loss: {{kwargs: {{hard_negative_mixing: null}}}}
+      data: {{tasks: {{STSBenchmark: null, tiny_train: {{path: "@teacher", type: STS}}}}}}
+      args: {{max_steps: 4, per_device_train_batch_size: 4, save_steps: 2, logging_steps: 1}}
+  - name: soup
+    kind: soup
+    models: ["@first", "@second"]
+"""
+
+
+def _start(recipe: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one thread: the same reductions every run
+    command = [sys.executable, "-m", "kalm_st.cli", "run", str(recipe)]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_when(process: subprocess.Popen, ready: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {ready} appeared: {process.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{ready} did not appear within {timeout} s")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_sigkill_in_each_step_kind_then_rerun_gives_the_same_weights(tmp_path: Path) -> None:
+    reference, killed = tmp_path / "reference.yaml", tmp_path / "killed.yaml"
+    reference.write_text(_KILL_RECIPE.format(out=tmp_path / "ref"))
+    killed.write_text(_KILL_RECIPE.format(out=tmp_path / "run"))
+    uninterrupted = _start(reference)  # side by side with the killed runs (each single-threaded)
+    run = tmp_path / "run"
+    kill_points = [
+        run / "first" / "checkpoint-2" / "trainer_state.json",  # train: after its first complete checkpoint
+        run / "mine" / "running.json",  # mine
+        run / "teacher" / "running.json",  # teacher-score
+        run / "soup" / "running.json",  # soup
+    ]
+    for ready in kill_points:
+        _kill_when(_start(killed), ready)
+    final = _start(killed)
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()[-3000:]
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read().decode()[-3000:]
+    a = load_file(str(tmp_path / "ref" / "soup" / "final" / "model.safetensors"))
+    b = load_file(str(run / "soup" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    first = json.loads((run / "first" / MANIFEST).read_text())
+    assert first["summary"]["resumed"] is True  # training continued from checkpoint-2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad recipes: one named error each, before any compute.
+
+
+def _recipe(steps: str, tmp_path: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'out'}\nsteps:\n" + textwrap.indent(textwrap.dedent(steps), "  "))
+    return path
+
+
+TRAIN = """
+- name: first
+  kind: train
+  config: training/configs/tiny_smoke.yaml
+"""
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ("- {name: a, kind: distil}\n", r"steps\[0\] \(a\): unknown step kind 'distil' \(kinds: train, mine"),
+        (
+            TRAIN + "- {name: b, kind: soup, models: ['@first', '@stage9']}\n",
+            r"step 'b': '@stage9' names no step of the recipe",
+        ),
+        (
+            "- {name: a, kind: soup, models: ['@b', x]}\n- {name: b, kind: soup, models: ['@a', y]}\n",
+            r"step 'a': '@b' makes a cycle",
+        ),
+        (
+            "- {name: a, kind: label, data: nowhere/labels.csv, task: T}\n",
+            r"step 'a': input 'nowhere/labels.csv' does not exist",
+        ),
+        (
+            "- {name: a, kind: label, data: training/data/tiny_banking77.csv, task: T, output: same.parquet}\n"
+            "- {name: b, kind: label, data: training/data/tiny_banking77.csv, task: U, output: same.parquet}\n",
+            r"steps 'a' and 'b' both write same.parquet",
+        ),
+        (TRAIN + "- {name: first, kind: soup, models: [x, y]}\n", r"two steps are named 'first'"),
+        ("- {name: a, kind: mine, model: x, data: y, top_k: 3}\n", r"unknown key steps\.a\.top_k"),
+    ],
+    ids=["unknown-kind", "unknown-input", "cycle", "missing-source", "same-output", "same-name", "unknown-key"],
+)
+def test_bad_recipes_fail_the_dry_run_with_one_named_error(steps, message, tmp_path, in_repo) -> None:
+    path = _recipe(steps, tmp_path)
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(load_recipe(path))
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert str(path) in caught.value.problems[0]
+    import re
+
+    assert re.search(message, caught.value.problems[0]), caught.value.problems[0]
+
+
+def test_dry_run_reports_every_problem_at_once(tmp_path, in_repo, capsys) -> None:
+    path = _recipe(
+        "- {name: a, kind: distil}\n- {name: b, kind: soup, models: x}\n- {name: c, kind: eval, model: m, tasks: T, nope: 1}\n",
+        tmp_path,
+    )
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err and "unknown step kind 'distil'" in err and "unknown key steps.c.nope" in err
+
+
+def test_set_and_selection_errors_name_the_step(tmp_path, in_repo) -> None:
+    path = _recipe(TRAIN, tmp_path)
+    with pytest.raises(ValueError, match=r"no step named 'second'"):
+        load_recipe(path, ["second.set.seed=1"])
+    with pytest.raises(ValueError, match=r"--only 'nope': no such step \(steps: first\)"):
+        run_recipe(load_recipe(path), only="nope")
+    recipe = recipe_from_dict(
+        {"output_dir": "x", "steps": [{"name": "a", "kind": "soup", "models": ["p", "q"]}]}, path
+    )
+    assert recipe.steps[0].settings.models == ("p", "q")
