@@ -11,6 +11,7 @@ from kalm_st.instructions import (
     build_prompts,
     format_instruction,
     get_task_instruction,
+    resolve_instruction,
     training_prompt,
 )
 
@@ -81,3 +82,85 @@ def test_prompts_follow_mtebs_lookup_order():
     assert get_prompt(prompts, nq, PromptType.query).startswith("Instruct: Given a query, retrieve documents")
     assert get_prompt(prompts, nq, PromptType.document) == ""
     assert "online banking" in get_prompt(prompts, banking, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The resolver: row > task > type > default, and which sides
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "task_type", "row", "instruction", "documents", "source"),
+    [
+        # the row's own instruction wins, on the task's sides
+        ("STSBenchmark", "STS", " Find paraphrases ", "Find paraphrases", True, "row"),
+        ("NQ", None, "Find the answer", "Find the answer", False, "row"),
+        # a blank row instruction is none
+        ("NQ", None, "  ", "Given a query, retrieve documents that answer the query", False, "task"),
+        # the table beats the type (and its symmetric flag decides the sides)
+        ("SciDocsRR", "Retrieval", None, "Retrieve relevant paper titles", True, "task"),
+        # a single-text type instructs documents even where the table's entry does not
+        ("Banking77Classification", "Classification", None,
+         "Given an online banking query, find the corresponding intents", True, "task"),
+        ("Banking77Classification", None, None, "Given an online banking query, find the corresponding intents",
+         False, "task"),
+        # unknown task: the type's default
+        ("my_sts", "STS", None, "Retrieve semantically similar text", True, "type"),
+        ("my_clusters", "Clustering", None, "Identify the topic or theme of the given text", True, "type"),
+        ("my_qa", "Reranking", None, "Given a query, retrieve documents that answer the query", False, "type"),
+        # no task, no type: the retrieval default, queries only
+        ("my_qa", None, None, "Given a query, retrieve documents that answer the query", False, "default"),
+    ],
+)  # fmt: skip
+def test_resolve_instruction(task, task_type, row, instruction, documents, source):
+    resolved = resolve_instruction(task, task_type, row)
+    assert (resolved.instruction, resolved.documents, resolved.source) == (instruction, documents, source)
+    assert resolved.prompt_for("anchor") == f"Instruct: {instruction} \n Query: "
+    for column in ("positive", "negative_1", "negative_12"):
+        assert resolved.prompt_for(column) == (f"Instruct: {instruction} \n Query: " if documents else "")
+    assert resolved.prompt_for("label") == ""
+
+
+def test_unknown_task_type_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown task type 'Sts'; known task types: Retrieval, Reranking, .*STS"):
+        resolve_instruction("x", "Sts")
+
+
+@pytest.mark.parametrize(
+    ("text", "instructed"),
+    [
+        ("Instruct: X \n Query: q", True),
+        ("Instruct: two\nlines \n Query: q", True),
+        ("Instruct: X \n Query: ", True),
+        ("instruct: X \n Query: q", False),
+        ("Instruct: X\nQuery: q", False),  # another model's template, not KaLM's
+        ("q Instruct: X \n Query: q", False),
+        ("", False),
+    ],
+)
+def test_already_instructed_texts(text, instructed):
+    import pyarrow as pa
+
+    from kalm_st.instructions import instructed_mask, is_instructed
+
+    assert is_instructed(text) is instructed
+    assert instructed_mask(pa.array([text])).to_pylist() == [instructed]  # the Arrow check agrees with Python's
+
+
+def test_column_prompts_no_instructions_and_already_instructed():
+    from datasets import Dataset
+
+    from kalm_st.instructions import column_prompts
+
+    sts = "Instruct: Retrieve semantically similar text \n Query: "
+    data = Dataset.from_dict({"anchor": [sts + "a"], "positive": ["b"], "negative_1": ["c"], "label": [[1.0, 0.0]]})
+    assert column_prompts(data, "my_sts", "STS") == {"anchor": "", "positive": sts, "negative_1": sts}
+    assert column_prompts(data, "my_sts", "STS", instructions=False) == {
+        "anchor": "",
+        "positive": "",
+        "negative_1": "",
+    }
+    # rows picked by select / shuffle are checked in their order, not the underlying table's
+    mixed = Dataset.from_dict({"anchor": [sts + "a", "b"], "positive": ["p", "q"]})
+    assert column_prompts(mixed.select([0]), "my_sts", "STS")["anchor"] == ""
+    assert column_prompts(mixed.select([1]), "my_sts", "STS")["anchor"] == sts

@@ -2,12 +2,20 @@
 
 Each reads training data (jsonl/csv/parquet, see :mod:`kalm_st.data.formats`), applies the tool per task and writes
 one output file atomically (a ``task`` column keeps the tasks apart).
+
+Instructions: ``mine``, ``filter`` and ``teacher-score`` encode every text with the prompt training gives it
+(:func:`kalm_st.instructions.column_prompts`), so give each task the type its training config has
+(``--task-type my_sts=STS``; a task without one is treated like type ``Retrieval``, training's default). A task's
+``instruction`` column is written into its texts, once; ``--no-instructions`` encodes every text exactly as
+written (empty prompts, not the model's own default prompts) and ignores the ``instruction`` column. See
+``docs/instructions.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -19,20 +27,62 @@ def _common(parser: argparse.ArgumentParser, model_help: str | None = "embedding
         parser.add_argument("--model", required=True, help=model_help)
     parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size")
     parser.add_argument("--device", default=None, help="torch device (default: auto)")
+    if model_help:
+        parser.add_argument(
+            "--task-type",
+            action="append",
+            default=[],
+            metavar="TASK=TYPE",
+            help="MTEB type of a task, as in its training config (repeatable; e.g. my_sts=STS): decides which texts "
+            "get the task's instruction (STS / PairClassification: both sides; Classification / Clustering: every "
+            "text; default Retrieval: queries only)",
+        )
     parser.add_argument(
         "--no-instructions",
         action="store_true",
-        help="do not prefix texts with each task's KaLM instruction (kalm_st.instructions) while encoding",
+        help="encode every text exactly as written: no task instruction, no model default prompt, the "
+        "'instruction' column ignored",
     )
 
 
-def _prompts(task: str, args: argparse.Namespace) -> tuple[str | None, str | None]:
-    if args.no_instructions:
-        return None, None
-    from kalm_st.instructions import training_prompt
+def _task_types(args: argparse.Namespace) -> dict[str, str]:
+    """``--task-type TASK=TYPE`` options as a dict, each type checked against the known task types."""
+    from kalm_st.instructions import check_task_type
 
-    query_prompt, document_prompt = training_prompt(task)
-    return query_prompt or None, document_prompt or None
+    types: dict[str, str] = {}
+    for item in args.task_type:
+        task, sep, task_type = item.partition("=")
+        if not sep or not task.strip() or not task_type.strip():
+            raise ValueError(f"--task-type {item!r}: expected TASK=TYPE, e.g. my_sts=STS")
+        try:
+            check_task_type(task_type.strip())
+        except ValueError as error:
+            raise ValueError(f"--task-type {item!r}: {error}") from None
+        types[task.strip()] = task_type.strip()
+    return types
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
+    """The input data (row instructions written into the texts unless --no-instructions) and the task types."""
+    from kalm_st.data import load_training_data
+
+    task_types = _task_types(args)
+    data = load_training_data(args.input, task_types=task_types, row_instructions=not args.no_instructions)
+    unknown = sorted(set(task_types) - set(data))
+    if unknown:
+        raise ValueError(f"--task-type names task(s) {unknown} that the input does not have (tasks: {list(data)})")
+    return data, task_types
+
+
+def _prompts(dataset: Any, task: str, task_types: dict[str, str], args: argparse.Namespace) -> tuple[str, str]:
+    """``(query_prompt, document_prompt)`` of a task: training's prompts (always strings, ``""`` for none)."""
+    from kalm_st.instructions import encoding_prompts
+
+    query_prompt, document_prompt = encoding_prompts(
+        dataset, task, task_types.get(task), instructions=not args.no_instructions
+    )
+    logger.info("task %r: query prompt %r, document prompt %r", task, query_prompt, document_prompt)
+    return query_prompt, document_prompt
 
 
 def _load_model(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
@@ -44,11 +94,11 @@ def _load_model(args: argparse.Namespace):  # noqa: ANN202 - lazily imported typ
 def _mine(args: argparse.Namespace) -> int:
     from datasets import DatasetDict
 
-    from kalm_st.data import load_training_data, mine_hard_negatives, write_training_data
+    from kalm_st.data import mine_hard_negatives, write_training_data
 
-    data, model, out = load_training_data(args.input), _load_model(args), DatasetDict()
+    (data, task_types), model, out = _load(args), _load_model(args), DatasetDict()
     for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(task, args)
+        query_prompt, corpus_prompt = _prompts(dataset, task, task_types, args)
         out[task] = mine_hard_negatives(
             dataset,
             model,
@@ -74,12 +124,12 @@ def _mine(args: argparse.Namespace) -> int:
 def _filter(args: argparse.Namespace) -> int:
     from datasets import DatasetDict
 
-    from kalm_st.data import filter_by_rank, load_training_data, write_training_data
+    from kalm_st.data import filter_by_rank, write_training_data
 
-    data, model, out = load_training_data(args.input), _load_model(args), DatasetDict()
+    (data, task_types), model, out = _load(args), _load_model(args), DatasetDict()
     total = dropped = 0
     for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(task, args)
+        query_prompt, corpus_prompt = _prompts(dataset, task, task_types, args)
         out[task], report = filter_by_rank(
             dataset, model, top_k=args.top_k, query_prompt=query_prompt, corpus_prompt=corpus_prompt,
             batch_size=args.batch_size,
@@ -107,8 +157,9 @@ def _label(args: argparse.Namespace) -> int:
         out[args.task] = labelled if args.task not in out else _concat(out[args.task], labelled)
     write_training_data(out, args.output)
     print(  # noqa: T201
-        f"label: {len(out[args.task])} rows for task {args.task!r}; train it with "
-        f'task_types={{"{args.task}": "Classification"}} (instruction on every column) and no in-batch negatives'
+        f"label: {len(out[args.task])} rows for task {args.task!r}; train it with type Classification "
+        f"(instruction on every column) and no in-batch negatives, and curate it with "
+        f"--task-type {args.task}=Classification"
     )
     return 0
 
@@ -122,9 +173,9 @@ def _concat(a, b):  # noqa: ANN001, ANN202
 def _teacher_score(args: argparse.Namespace) -> int:
     from datasets import DatasetDict
 
-    from kalm_st.data import load_training_data, score_with_teacher, write_training_data
+    from kalm_st.data import score_with_teacher, write_training_data
 
-    data = load_training_data(args.input)
+    data, task_types = _load(args)
     if args.cross_encoder:
         from sentence_transformers import CrossEncoder
 
@@ -133,7 +184,10 @@ def _teacher_score(args: argparse.Namespace) -> int:
         teacher = _load_model(args)
     out = DatasetDict()
     for task, dataset in data.items():
-        query_prompt, document_prompt = _prompts(task, args) if not args.cross_encoder else (None, None)
+        # a cross-encoder takes no prompts: it scores the texts as loaded (rerankers have their own input format)
+        query_prompt, document_prompt = (
+            (None, None) if args.cross_encoder else _prompts(dataset, task, task_types, args)
+        )
         out[task] = score_with_teacher(
             dataset, teacher, query_prompt=query_prompt, document_prompt=document_prompt,
             batch_size=args.batch_size, cache_dir=args.cache_dir, teacher_id=args.teacher_id,

@@ -121,6 +121,10 @@ def filter_by_rank(
 
     A row is kept iff its positive's 0-based rank (see :func:`positive_ranks`) is ``< top_k``. Returns the kept rows
     (all columns, original order) and a :class:`FilterReport`, also logged at INFO.
+
+    ``query_prompt`` encodes the anchors, ``corpus_prompt`` every candidate. As in sentence-transformers, ``None``
+    lets the model use its own ``"query"`` / ``"document"`` prompt and ``""`` adds nothing; training's prompts come
+    from :func:`kalm_st.instructions.column_prompts`, as in ``kalm-st filter``.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")

@@ -8,14 +8,19 @@ Input columns (one row per training example):
   or a single ``negative`` (sentence-transformers' triplet layout);
 - ``task`` (optional): the task name; rows are split into one dataset per task (default: ``default_task``, else the
   file's stem);
-- ``instruction`` (optional): a per-row instruction; ``format_instruction(instruction)`` is prepended to the anchor;
+- ``instruction`` (optional): a per-row instruction. Sentence-transformers' prompts are per task and column, so a
+  task whose rows have one gets its instructions written into the texts
+  (:func:`kalm_st.instructions.bake_instructions`): each row's own, else the task's, on the sides the task instructs
+  (anchors; documents too for symmetric and single-text types); a text already starting with the KaLM template is
+  kept as written;
 - ``label`` or ``teacher_scores`` (optional): teacher scores of ``[positive, negative_1, .., negative_n]``.
 
 Output: a ``datasets.DatasetDict`` keyed by task, each with the columns ``anchor, positive, negative_1..negative_n
 [, label]`` in that order (the layout sentence-transformers' losses read; ``label`` is the column name ST's data
-collator treats as labels). Per-task instructions are *not* baked into the texts: :func:`build_training_prompts`
-builds the nested ``prompts`` dict for ``SentenceTransformerTrainingArguments(prompts=...)``, so the same data can be
-trained with other instructions.
+collator treats as labels). Per-task instructions are *not* baked into the texts (except for tasks with row
+instructions, above): :func:`build_training_prompts` builds the nested ``prompts`` dict for
+``SentenceTransformerTrainingArguments(prompts=...)``, so the same data can be trained with other instructions. Which
+text gets which instruction: ``docs/instructions.md``.
 
 Every problem is collected before anything trains and reported at once by :class:`DataValidationError`, one line per
 problem naming the file, the 0-based row index and the column.
@@ -34,14 +39,12 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from kalm_st.instructions import format_instruction, training_prompt
+from kalm_st.instructions import SINGLE_TEXT_TASK_TYPES, bake_instructions, column_prompts
 
 logger = logging.getLogger(__name__)
 
 ANCHOR_ALIASES: tuple[str, ...] = ("anchor", "query")
 TEACHER_SCORE_ALIASES: tuple[str, ...] = ("label", "teacher_scores")
-SINGLE_TEXT_TASK_TYPES: frozenset[str] = frozenset({"Classification", "MultilabelClassification", "Clustering"})
-"""Task types whose every text is embedded with the task instruction at evaluation (mteb), so in training too."""
 
 _FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".jsonl": ("json", {}),
@@ -129,11 +132,14 @@ def normalize_dataset(
     require_negatives: bool = False,
     num_negatives: int | None = None,
     batch_size: int | None = None,
+    task_types: Mapping[str, str] | None = None,
+    row_instructions: bool = True,
 ) -> tuple[DatasetDict, list[str]]:
     """Normalise one in-memory dataset; returns ``(DatasetDict by task, problems)`` (problems empty when valid).
 
     See :func:`load_training_data` for the arguments; ``source`` names the data in the messages.
     """
+    task_types = dict(task_types or {})
     columns = dataset.column_names
     problems: list[str] = []
     anchor_col = next((c for c in ANCHOR_ALIASES if c in columns), None)
@@ -152,7 +158,9 @@ def normalize_dataset(
         return DatasetDict(), problems
     score_col = next((c for c in TEACHER_SCORE_ALIASES if c in columns), None)
     task_col = "task" if "task" in columns else None
-    instruction_col = "instruction" if "instruction" in columns else None
+    instruction_col = "instruction" if "instruction" in columns and row_instructions else None
+    if "instruction" in columns and not row_instructions:
+        logger.warning("%s: column 'instruction' ignored (row instructions off): texts are used as written", source)
 
     rows: dict[str, dict[str, list[Any]]] = {}
     first_row: dict[str, int] = {}
@@ -209,10 +217,8 @@ def normalize_dataset(
                     row_ok = False
         if not row_ok:
             continue
-        if instruction_col and isinstance(row[instruction_col], str) and row[instruction_col].strip():
-            anchor = format_instruction(row[instruction_col].strip()) + anchor
         if task not in rows:
-            rows[task] = {"anchor": [], "positive": [], "negatives": [], "label": []}
+            rows[task] = {"anchor": [], "positive": [], "negatives": [], "label": [], "instruction": []}
             first_row[task] = index
             neg_counts[task] = len(negatives)
         if negatives and neg_counts[task] == 0:
@@ -232,6 +238,8 @@ def normalize_dataset(
         bucket["positive"].append(positive)
         bucket["negatives"].append(negatives)
         bucket["label"].append([float(s) for s in scores] if scores is not None else None)
+        own = row[instruction_col] if instruction_col else None
+        bucket["instruction"].append(own if isinstance(own, str) else None)
 
     result = DatasetDict()
     for task, bucket in rows.items():
@@ -248,6 +256,11 @@ def normalize_dataset(
         if score_col is not None:
             data["label"] = bucket["label"]
         result[task] = Dataset.from_dict(data)
+        if instruction_col:
+            try:
+                result[task] = bake_instructions(result[task], task, task_types.get(task), bucket["instruction"])
+            except ValueError as error:  # an unknown task type
+                problems.append(f"{source}: task {task!r}: {error}")
     return result, problems
 
 
@@ -258,6 +271,8 @@ def load_training_data(
     require_negatives: bool = False,
     num_negatives: int | None = None,
     batch_size: int | None = None,
+    task_types: Mapping[str, str] | None = None,
+    row_instructions: bool = True,
 ) -> DatasetDict:
     """Read, validate and normalise training files into ``DatasetDict({task: Dataset(anchor, positive,
     negative_1..n[, label])})``.
@@ -271,6 +286,10 @@ def load_training_data(
             rows with fewer are still an error (ragged).
         batch_size: Every task needs at least this many rows (pass the *global* batch size, per-device batch size
             times the number of processes, when training task-homogeneous batches).
+        task_types: Task name -> MTEB task type; decides which columns get the instruction of a task with row
+            instructions (:func:`kalm_st.instructions.resolve_instruction`). Pass the types training uses.
+        row_instructions: Apply an ``instruction`` column (default). False (``--no-instructions``): ignore it, every
+            text stays as written.
 
     Raises:
         FileNotFoundError: a file does not exist.
@@ -279,6 +298,7 @@ def load_training_data(
     path_list = [Path(paths)] if isinstance(paths, str | os.PathLike) else [Path(p) for p in paths]
     problems: list[str] = []
     parts: dict[str, list[Dataset]] = {}
+    with_row_instructions: set[str] = set()
     for path in path_list:
         dataset = read_table(path)
         normalized, file_problems = normalize_dataset(
@@ -287,8 +307,12 @@ def load_training_data(
             default_task=default_task or path.stem,
             require_negatives=require_negatives,
             num_negatives=num_negatives,
+            task_types=task_types,
+            row_instructions=row_instructions,
         )
         problems.extend(file_problems)
+        if row_instructions and "instruction" in dataset.column_names:
+            with_row_instructions.update(normalized)
         for task, part in normalized.items():
             parts.setdefault(task, []).append(part)
     result = DatasetDict()
@@ -300,6 +324,9 @@ def load_training_data(
         from datasets import concatenate_datasets
 
         merged = concatenate_datasets(datasets_of_task) if len(datasets_of_task) > 1 else datasets_of_task[0]
+        if task in with_row_instructions and len(datasets_of_task) > 1:
+            # another file of the task has no row instructions: its texts get the task's (baking is idempotent)
+            merged = bake_instructions(merged, task, (task_types or {}).get(task))
         if batch_size is not None and len(merged) < batch_size:
             problems.append(
                 f"task {task!r} ({', '.join(map(str, path_list))}): {len(merged)} row(s), fewer than one batch of "
@@ -318,10 +345,13 @@ def validate_training_data(
     require_negatives: bool = False,
     batch_size: int | None = None,
     source: str = "<dataset>",
+    task_types: Mapping[str, str] | None = None,
+    row_instructions: bool = True,
 ) -> DatasetDict:
     """Validate data already in memory (e.g. from the curation tools); returns it normalised as a ``DatasetDict``.
 
     A ``Dataset`` with a ``task`` column is split by task; a ``DatasetDict`` keeps its keys as task names.
+    ``task_types`` and ``row_instructions`` as in :func:`load_training_data`.
     """
     items = data.items() if isinstance(data, DatasetDict) else [(None, data)]
     problems: list[str] = []
@@ -333,6 +363,8 @@ def validate_training_data(
             default_task=name or "default",
             require_negatives=require_negatives,
             batch_size=batch_size,
+            task_types=task_types,
+            row_instructions=row_instructions,
         )
         problems.extend(part_problems)
         result.update(normalized)
@@ -347,39 +379,26 @@ def build_training_prompts(
 ) -> dict[str, dict[str, str]]:
     """The nested ``prompts`` dict for ``SentenceTransformerTrainingArguments(prompts=...)``.
 
-    ``{task: {"anchor": query_prompt, "positive": document_prompt, "negative_1": document_prompt, ...}}``, with the
-    prompts of :func:`kalm_st.instructions.training_prompt` (the one KaLM instruction table). Tasks whose type (from
-    ``task_types``) is a single-text type (classification, clustering: e.g. the output of
-    :func:`kalm_st.data.label_examples`) get the instruction on every column, as mteb embeds every text of
-    such a task with it. Empty prompts are left out (ST then adds nothing).
+    ``{task: {"anchor": query_prompt, "positive": document_prompt, "negative_1": document_prompt, ...}}`` from
+    :func:`kalm_st.instructions.column_prompts`, the resolver the curation commands use too: the task's instruction
+    (table, else its type's from ``task_types``, else the retrieval default) on anchors, and on documents for
+    symmetric and single-text types (classification, clustering: e.g. the output of
+    :func:`kalm_st.data.label_examples`). A column whose texts already carry the KaLM template (a task with row
+    instructions, or curated output) gets none. Empty prompts are left out (ST then adds nothing). With task names
+    only (no ``DatasetDict``), the columns ``anchor, positive, negative_1..64`` are assumed uninstructed.
 
     Note: ST's collator picks the prompts of a batch from its *first* row's task, so batches mixing tasks
     (``homogeneous_ratio < 1``) give every row that task's prompts.
+
+    Raises:
+        ValueError: an unknown task type; a column where some texts carry the template and others do not.
     """
     task_types = dict(task_types or {})
-    if isinstance(data, DatasetDict):
-        columns_of = {task: data[task].column_names for task in data}
-    else:
-        columns_of = {task: None for task in data}
     prompts: dict[str, dict[str, str]] = {}
-    for task, columns in columns_of.items():
-        task_type = task_types.get(task)
-        query_prompt, document_prompt = training_prompt(task, task_type)
-        if task_type in SINGLE_TEXT_TASK_TYPES:
-            document_prompt = query_prompt
-        if columns is None:
-            columns = ["anchor", "positive", *negative_columns(64)]
-        entry: dict[str, str] = {}
-        for column in columns:
-            if column == "anchor":
-                prompt = query_prompt
-            elif column == "positive" or column.startswith("negative"):
-                prompt = document_prompt
-            else:
-                continue
-            if prompt:
-                entry[column] = prompt
-        prompts[task] = entry
+    for task in data:
+        columns = data[task] if isinstance(data, DatasetDict) else ["anchor", "positive", *negative_columns(64)]
+        entry = column_prompts(columns, task, task_types.get(task))
+        prompts[task] = {column: prompt for column, prompt in entry.items() if prompt}
     return prompts
 
 

@@ -55,6 +55,11 @@ def mine_hard_negatives(
         behaviour, logged); ``label`` holds the mining model's ``[s(q, p), s(q, n_1), ...]`` if ``output_scores``.
         Rows come grouped by anchor (ST's order).
 
+    Prompts as in sentence-transformers: ``query_prompt`` / ``corpus_prompt`` ``None`` lets the model use its own
+    ``"query"`` / ``"document"`` prompt (a kalm-st model carries the retrieval instruction as ``"query"``), ``""``
+    adds nothing. To encode as training does, take them from :func:`kalm_st.instructions.column_prompts` (the
+    ``anchor`` and ``positive`` entries), as ``kalm-st mine`` does.
+
     Extra ``kwargs`` go to ST's function (e.g. ``cross_encoder``, ``absolute_margin``, ``use_multi_process``).
     Sampling is seeded with ``seed`` (ST samples with Python's ``random``; its global state is restored after).
     """

@@ -45,12 +45,23 @@ def score_with_teacher(
     """Teacher scores of each row's ``[positive, negative_1, .., negative_n]`` into the ``label`` column.
 
     A ``SentenceTransformer`` teacher scores with its own similarity function (cosine for most) between
-    ``encode_query(anchor)`` and ``encode_document(text)``; a ``CrossEncoder`` teacher with ``predict`` on
-    ``(anchor, text)`` pairs (its default activation). Each distinct text is embedded once.
+    ``encode_query(anchor, prompt=query_prompt)`` and ``encode_document(text, prompt=document_prompt)``; each
+    distinct text is embedded once. Prompts as in sentence-transformers: ``None`` lets the model use its own
+    ``"query"`` / ``"document"`` prompt, ``""`` adds nothing (the curation CLI always passes strings, from
+    :func:`kalm_st.instructions.column_prompts`).
+
+    A ``CrossEncoder`` teacher scores ``(anchor, text)`` pairs with ``predict`` (its default activation), on the
+    texts as they are in ``dataset``: it takes **no prompts** (a reranker has its own input format; write any
+    instruction into the texts instead), and a non-empty ``query_prompt`` or ``document_prompt`` is a
+    ``ValueError`` rather than being dropped silently.
 
     With ``cache_dir``, the scores are stored in ``{cache_dir}/teacher_scores_{hash}.npy`` keyed by (teacher
-    identity, prompts, every row's texts); a rerun on the same data loads them instead of recomputing. The teacher
-    identity is ``teacher_id`` or :func:`teacher_name`; pass ``teacher_id`` when two teachers share a name.
+    identity, prompts (bi-encoder only), every row's texts); a rerun on the same data loads them instead of
+    recomputing. The teacher identity is ``teacher_id`` or :func:`teacher_name`; pass ``teacher_id`` when two
+    teachers share a name.
+
+    Raises:
+        ValueError: a missing column; prompts for a ``CrossEncoder`` teacher.
     """
     from sentence_transformers import CrossEncoder
 
@@ -58,13 +69,21 @@ def score_with_teacher(
     for column in columns[:2]:
         if column not in dataset.column_names:
             raise ValueError(f"score_with_teacher: missing column {column!r} (have {dataset.column_names})")
+    is_cross_encoder = isinstance(teacher, CrossEncoder)
+    if is_cross_encoder and (query_prompt or document_prompt):
+        raise ValueError(
+            f"score_with_teacher: a CrossEncoder teacher takes no prompts (got query_prompt={query_prompt!r}, "
+            f"document_prompt={document_prompt!r}): it scores (anchor, text) pairs as written, in its own input "
+            "format. Pass no prompts, or write the instruction into the texts"
+        )
     anchors = list(dataset["anchor"])
     candidates = [list(dataset[c]) for c in columns[1:]]  # (1 + n) lists of len(dataset)
     n_rows, n_cand = len(anchors), len(candidates)
 
     cache_file: Path | None = None
     if cache_dir is not None:
-        key = json.dumps([teacher_id or teacher_name(teacher), query_prompt, document_prompt, anchors, candidates])
+        prompts = [] if is_cross_encoder else [query_prompt, document_prompt]  # a cross-encoder uses none
+        key = json.dumps([teacher_id or teacher_name(teacher), *prompts, anchors, candidates])
         digest = hashlib.sha256(key.encode("utf8")).hexdigest()[:32]
         cache_file = Path(cache_dir) / f"teacher_scores_{digest}.npy"
         if cache_file.is_file():
@@ -73,7 +92,7 @@ def score_with_teacher(
                 logger.info("score_with_teacher: loaded cached scores from %s", cache_file)
                 return _with_label(dataset, scores)
 
-    if isinstance(teacher, CrossEncoder):
+    if is_cross_encoder:
         pairs = [(a, cand[i]) for cand in candidates for i, a in enumerate(anchors)]
         flat = teacher.predict(
             pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_numpy=True

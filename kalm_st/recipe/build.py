@@ -196,6 +196,7 @@ def load_task_datasets(config: StageConfig, tasks: dict[str, TaskConfig]) -> Any
             default_task=name,
             require_negatives=config.stage in ("finetune", "distill"),
             num_negatives=config.data.num_negatives,
+            task_types={name: task.type},  # which columns get the instruction of rows with their own
         )
         if name not in loaded:  # a file of several tasks (a curation output) gives the task of the same name
             raise ConfigError(
@@ -218,7 +219,11 @@ def load_task_datasets(config: StageConfig, tasks: dict[str, TaskConfig]) -> Any
 
 
 def build_prompts(tasks: dict[str, TaskConfig], datasets: Any) -> dict[str, dict[str, str]]:
-    """sentence-transformers' nested ``prompts`` (``{task: {column: prompt}}``) from the one instruction table."""
+    """sentence-transformers' nested ``prompts`` (``{task: {column: prompt}}``) from the one instruction resolver.
+
+    :func:`kalm_st.data.build_training_prompts` with each task's configured ``type``: the same prompts the curation
+    commands encode with (``--task-type``), see ``docs/instructions.md``.
+    """
     from kalm_st.data.formats import build_training_prompts
 
     return build_training_prompts(datasets, {name: task.type for name, task in tasks.items()})

@@ -100,6 +100,7 @@ def evaluate(model: Any, sizes: QuickstartSizes) -> dict[str, float]:
 
     from kalm_st.instructions import training_prompt
 
+    # The resolver's prompts of the two tasks (docs/instructions.md): STS on both sides, retrieval on queries.
     sts_q, sts_d = training_prompt(STS_INSTRUCTION_TASK, "STS")
     rows = _read_csv(DATA_DIR / "stsb" / "test.csv", header=False)[: sizes.eval_sts_pairs]
     sts = EmbeddingSimilarityEvaluator(
@@ -153,7 +154,7 @@ def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed
 
     from kalm_st.data import filter_by_rank, label_examples, mine_hard_negatives, score_with_teacher
     from kalm_st.data.formats import negative_columns, write_training_data
-    from kalm_st.instructions import training_prompt
+    from kalm_st.instructions import encoding_prompts
     from kalm_st.precision import cpu_autocast
 
     rng = random.Random(seed)
@@ -167,8 +168,10 @@ def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed
     rng.shuffle(pairs)
     strong = [r for r in pairs if float(r[2]) >= 4.0][: sizes.curated_sts]
     corpus = sorted({t for r in pairs[: 3 * sizes.curated_sts] for t in r[:2]} | {r[1] for r in strong})
-    sts_q, sts_d = training_prompt(STS_INSTRUCTION_TASK, "STS")
     sts = Dataset.from_dict({"anchor": [r[0] for r in strong], "positive": [r[1] for r in strong]})
+    # The prompts stage 2 trains these tasks with (same names and types as its YAML): "" means none, never the
+    # model's own default prompt.
+    sts_q, sts_d = encoding_prompts(sts, STS_INSTRUCTION_TASK, "STS")
 
     # TrecQA: (question, correct answer); corpus = all candidate answers of the sampled questions (real retrieved).
     questions = list(_trecqa("train").items())[: sizes.curated_trecqa_questions]
@@ -179,7 +182,7 @@ def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed
         }
     )
     qa_corpus = sorted({t for _, e in questions for t in e["pos"] + e["neg"]})
-    qa_q, qa_d = training_prompt(TRECQA_TASK, "Retrieval")
+    qa_q, qa_d = encoding_prompts(qa, TRECQA_TASK, "Retrieval")
 
     curated: dict[str, Any] = {}
     # The student encodes under bf16 autocast on a CPU with bf16 in hardware, as in training and evaluation (2-3x
@@ -196,7 +199,7 @@ def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed
                 top_k=sizes.filter_top_k,
                 corpus=corp,
                 query_prompt=qp,
-                corpus_prompt=dp or None,
+                corpus_prompt=dp,
                 show_progress_bar=False,
             )
             mined = mine_hard_negatives(
@@ -207,7 +210,7 @@ def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed
                 range_max=hi,
                 num_negatives=n,
                 query_prompt=qp,
-                corpus_prompt=dp or None,
+                corpus_prompt=dp,
                 seed=seed,
             )
         curated[name] = mined
@@ -232,19 +235,14 @@ def curate(model: Any, teacher: Any, workdir: Path, sizes: QuickstartSizes, seed
     report["banking77"] = f"labelled {len(curated['banking77'])} rows from {len(per_class)} intents"
 
     keep_cols = ["anchor", "positive", *negative_columns(n)]
-    prompts = {"sts": (sts_q, sts_d), "trecqa": (qa_q, qa_d)}
-    from kalm_st.instructions import format_instruction, get_task_instruction
-
-    bank_prompt = format_instruction(get_task_instruction(BANKING_TASK).instruction)
-    prompts["banking77"] = (bank_prompt, bank_prompt)
     for name, data in curated.items():
         data = data.select_columns(keep_cols)
         write_training_data(data, out / f"stage2_{name}.jsonl")
         scored = score_with_teacher(
             data,
             teacher,
-            query_prompt=None,
-            document_prompt=None,
+            query_prompt="",  # the MiniLM teacher scores the texts as written (it was not trained with KaLM's)
+            document_prompt="",
             cache_dir=workdir / "teacher_cache",
             show_progress_bar=False,
         )

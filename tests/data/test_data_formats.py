@@ -17,7 +17,7 @@ from kalm_st.data import (
     validate_training_data,
     write_training_data,
 )
-from kalm_st.instructions import format_instruction, training_prompt
+from kalm_st.instructions import training_prompt
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -65,13 +65,70 @@ def test_numbered_negative_columns_and_scores_all_formats(tmp_path: Path, suffix
     assert ds[1]["label"] == pytest.approx([0.8, 0.3, 0.0])
 
 
-def test_per_row_instruction_prepended(tmp_path: Path) -> None:
+RETRIEVAL_PROMPT = "Instruct: Given a query, retrieve documents that answer the query \n Query: "
+STS_PROMPT = "Instruct: Retrieve semantically similar text \n Query: "
+
+
+def test_per_row_instruction_written_once(tmp_path: Path) -> None:
+    """A task with row instructions: each row's own, else the task's, written into the texts the task instructs."""
     rows = [
         {"anchor": "how?", "positive": "so.", "instruction": "Find the answer"},
         {"anchor": "why?", "positive": "because."},
+        {"anchor": "Instruct: Mine \n Query: what?", "positive": "that.", "instruction": "Find the answer"},
     ]
     ds = load_training_data(_write_jsonl(tmp_path / "t.jsonl", rows))["t"]
-    assert ds["anchor"] == [format_instruction("Find the answer") + "how?", "why?"]
+    assert list(ds["anchor"]) == [
+        "Instruct: Find the answer \n Query: how?",
+        RETRIEVAL_PROMPT + "why?",  # no own instruction: the task's (unknown task: the retrieval default)
+        "Instruct: Mine \n Query: what?",  # already instructed: kept as written
+    ]
+    assert list(ds["positive"]) == ["so.", "because.", "that."]  # retrieval documents: as written
+    assert build_training_prompts(DatasetDict({"t": ds}), {"t": "Retrieval"}) == {"t": {}}  # nothing added again
+
+
+def test_per_row_instruction_on_both_sides_of_a_symmetric_task(tmp_path: Path) -> None:
+    rows = [
+        {"anchor": "a", "positive": "b", "negatives": ["c"], "instruction": "  Find paraphrases "},
+        {"anchor": "d", "positive": "e", "negatives": ["f"], "instruction": ""},
+    ]
+    ds = load_training_data(_write_jsonl(tmp_path / "my_sts.jsonl", rows), task_types={"my_sts": "STS"})["my_sts"]
+    mine = "Instruct: Find paraphrases \n Query: "
+    assert ds.to_list() == [
+        {"anchor": mine + "a", "positive": mine + "b", "negative_1": mine + "c"},
+        {"anchor": STS_PROMPT + "d", "positive": STS_PROMPT + "e", "negative_1": STS_PROMPT + "f"},
+    ]
+    assert build_training_prompts(DatasetDict({"my_sts": ds}), {"my_sts": "STS"}) == {"my_sts": {}}
+
+
+def test_row_instructions_off_keeps_texts_as_written(tmp_path: Path) -> None:
+    rows = [{"anchor": "how?", "positive": "so.", "instruction": "Find the answer"}]
+    ds = load_training_data(_write_jsonl(tmp_path / "t.jsonl", rows), row_instructions=False)["t"]
+    assert ds.to_list() == [{"anchor": "how?", "positive": "so."}]
+
+
+def test_row_instructions_in_one_file_of_a_task(tmp_path: Path) -> None:
+    """Two files of one task, only one with row instructions: the other file's rows get the task's instruction."""
+    first = _write_jsonl(tmp_path / "a.jsonl", [{"anchor": "q1", "positive": "p1", "task": "T", "instruction": "X"}])
+    second = _write_jsonl(tmp_path / "b.jsonl", [{"anchor": "q2", "positive": "p2", "task": "T"}])
+    ds = load_training_data([first, second], task_types={"T": "STS"})["T"]
+    assert list(ds["anchor"]) == ["Instruct: X \n Query: q1", STS_PROMPT + "q2"]
+    assert list(ds["positive"]) == ["Instruct: X \n Query: p1", STS_PROMPT + "p2"]
+
+
+def test_partly_instructed_column_is_an_error() -> None:
+    data = DatasetDict(
+        {"myqa": Dataset.from_dict({"anchor": ["Instruct: X \n Query: a", "b"], "positive": ["p", "q"]})}
+    )
+    with pytest.raises(ValueError, match=r"task 'myqa': column 'anchor': 1 of 2 texts .* \(e\.g\. row 1\)"):
+        build_training_prompts(data)
+
+
+def test_unknown_task_type_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown task type 'Sts'.*STS"):
+        build_training_prompts(["t"], {"t": "Sts"})
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"anchor": "a", "positive": "p", "instruction": "X"}])
+    with pytest.raises(DataValidationError, match="unknown task type 'Sts'"):
+        load_training_data(path, task_types={"t": "Sts"})
 
 
 def test_round_trip_write_and_load(tmp_path: Path) -> None:
@@ -169,10 +226,8 @@ def test_build_training_prompts() -> None:
         }
     )
     prompts = build_training_prompts(data, task_types={"Banking77Classification": "Classification"})
-    retrieval_q, retrieval_d = training_prompt("TrecQARetrieval")
-    assert retrieval_d == ""
-    assert prompts["TrecQARetrieval"] == {"anchor": retrieval_q}  # documents get no prompt
-    sts_q, sts_d = training_prompt("STSBenchmark")
-    assert sts_q == sts_d and prompts["STSBenchmark"] == {"anchor": sts_q, "positive": sts_q}
-    bank_q, _ = training_prompt("Banking77Classification")
-    assert prompts["Banking77Classification"] == {"anchor": bank_q, "positive": bank_q, "negative_1": bank_q}
+    assert prompts["TrecQARetrieval"] == {"anchor": RETRIEVAL_PROMPT}  # documents get no prompt
+    assert prompts["STSBenchmark"] == {"anchor": STS_PROMPT, "positive": STS_PROMPT}
+    bank = "Instruct: Given an online banking query, find the corresponding intents \n Query: "
+    assert prompts["Banking77Classification"] == {"anchor": bank, "positive": bank, "negative_1": bank}
+    assert training_prompt("Banking77Classification", "Classification") == (bank, bank)
