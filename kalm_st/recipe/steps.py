@@ -85,10 +85,14 @@ def load_encoder(value: str, ctx: StepContext, max_seq_length: int | None = None
     return build_model(value, **({"max_seq_length": max_seq_length} if max_seq_length else {}))
 
 
-def _load_data(paths: tuple[str, ...]) -> Any:
+def _load_data(paths: tuple[str, ...], task_types: Mapping[str, str] | None = None, instructions: bool = True) -> Any:
     from kalm_st.data import load_training_data
 
-    return load_training_data(list(paths))
+    data = load_training_data(list(paths), task_types=task_types, row_instructions=instructions)
+    unknown = sorted(set(task_types or {}) - set(data))
+    if unknown:
+        raise ConfigError(f"task_types names task(s) {unknown} that the data does not have (tasks: {list(data)}).")
+    return data
 
 
 def _corpus(path: str | None) -> list[str] | None:
@@ -102,18 +106,11 @@ def _corpus(path: str | None) -> list[str] | None:
     return list(table["text"])
 
 
-def _prompts(task: str, task_types: Mapping[str, str], instructions: bool) -> tuple[str, str]:
-    """(query prompt, document prompt) of a task for curation: the same resolver as training's prompts."""
-    if not instructions:
-        return "", ""
-    from kalm_st.data.formats import SINGLE_TEXT_TASK_TYPES
-    from kalm_st.instructions import training_prompt
+def _prompts(dataset: Any, task: str, task_types: Mapping[str, str], instructions: bool) -> tuple[str, str]:
+    """(query prompt, document prompt) of a task for curation: the one resolver training uses too."""
+    from kalm_st.instructions import encoding_prompts
 
-    task_type = task_types.get(task)
-    query_prompt, document_prompt = training_prompt(task, task_type)
-    if task_type in SINGLE_TEXT_TASK_TYPES:
-        document_prompt = query_prompt
-    return query_prompt, document_prompt
+    return encoding_prompts(dataset, task, task_types.get(task), instructions=instructions)
 
 
 def _write(data: Any, output: Path) -> dict[str, int]:
@@ -198,9 +195,10 @@ def run_mine(ctx: StepContext) -> dict[str, Any]:
     from kalm_st.data import mine_hard_negatives
 
     s = ctx.settings
-    data, model, corpus, out = _load_data(s.data), load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
+    data = _load_data(s.data, s.task_types, s.instructions)
+    model, corpus, out = load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
     for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(task, s.task_types, s.instructions)
+        query_prompt, corpus_prompt = _prompts(dataset, task, s.task_types, s.instructions)
         out[task] = mine_hard_negatives(
             dataset,
             model,
@@ -226,10 +224,11 @@ def run_filter(ctx: StepContext) -> dict[str, Any]:
     from kalm_st.data import filter_by_rank
 
     s = ctx.settings
-    data, model, corpus, out = _load_data(s.data), load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
+    data = _load_data(s.data, s.task_types, s.instructions)
+    model, corpus, out = load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
     dropped = {}
     for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(task, s.task_types, s.instructions)
+        query_prompt, corpus_prompt = _prompts(dataset, task, s.task_types, s.instructions)
         out[task], report = filter_by_rank(
             dataset,
             model,
@@ -271,12 +270,12 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
     from kalm_st.data import score_with_teacher
 
     s = ctx.settings
-    data = _load_data(s.data)
+    data = _load_data(s.data, s.task_types, s.instructions)
     teacher = CrossEncoder(s.teacher) if s.cross_encoder else load_encoder(s.teacher, ctx)
     out = DatasetDict()
     for task, dataset in data.items():
         # A reranker reads (query, text) pairs as they are; an embedding teacher gets the task's instructions.
-        prompts = (None, None) if s.cross_encoder else _prompts(task, s.task_types, s.instructions)
+        prompts = (None, None) if s.cross_encoder else _prompts(dataset, task, s.task_types, s.instructions)
         out[task] = score_with_teacher(
             dataset,
             teacher,
