@@ -7,6 +7,8 @@ import socket
 from bisect import bisect_right
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -14,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
 
 from kalm_st.data import build_training_prompts
-from kalm_st.sampling import TaskHomogeneousBatchSampler
+from kalm_st.sampling import TaskHomogeneousBatchSampler, text_lengths
 
 SIZES = {"A": 40, "B": 24, "C": 17}
 
@@ -72,6 +74,79 @@ def test_homogeneous_ratio_mixes_other_tasks_after_the_step_task() -> None:
         for b in batches[step : step + 2]:
             assert len(b) == 8 and len(set(b)) == 8
             assert all(_task_of(i, sizes) not in main for i in b[6:])  # 2 of 8 from other tasks
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_fill_rows_never_repeat_within_a_step(world_size: int) -> None:
+    """Issue 16 item 5: under ``gather_across_devices`` a row twice in one step is its own copy's false negative."""
+    # small other-task pools (A's fill comes from the 26 rows of B and C) make collisions likely if ranks draw alone
+    data = _datasets({"A": 60, "B": 14, "C": 12})
+    sampler = _sampler(batch_size=8, data=data, world_size=world_size, homogeneous_ratio=0.5)
+    sizes = [60, 14, 12]
+    steps = 0
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) % world_size == 0 and all(len(b) == 8 for b in batches)
+        for start in range(0, len(batches), world_size):
+            group = batches[start : start + world_size]  # the world batch of one step: batch i -> rank i % ws
+            rows = [i for b in group for i in b]
+            assert len(rows) == len(set(rows)), f"epoch {epoch}, step {start // world_size}: a row repeats"
+            main = {_task_of(i, sizes) for b in group for i in b[:4]}
+            assert len(main) == 1 and all(_task_of(i, sizes) not in main for b in group for i in b[4:])
+            steps += 1
+    assert steps >= 100
+
+
+def test_fill_needs_enough_rows_for_the_whole_world_batch() -> None:
+    data = _datasets({"A": 40, "B": 5, "C": 4})  # A's fill would need 4 x 2 = 8 rows from B and C: 9 exist
+    _sampler(batch_size=8, data=data, world_size=2, homogeneous_ratio=0.5)
+    with pytest.raises(ValueError, match="world batch"):  # 4 ranks x 4 fill rows = 16 > 9
+        _sampler(batch_size=8, data=data, world_size=4, homogeneous_ratio=0.5)
+
+
+def _pandas_parquet_dataset(tmp_path: Path, frame: pd.DataFrame) -> Dataset:
+    """A parquet written by pandas, loaded by ``datasets``: string columns come back as ``large_string``."""
+    frame.to_parquet(tmp_path / "rows.parquet")
+    return Dataset.from_parquet(str(tmp_path / "rows.parquet"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_text_lengths_counts_large_string_columns_and_nulls(tmp_path: Path) -> None:
+    anchors = ["héllo wörld", None, "", "x" * 1000, "日本語のテキスト", "emoji 🙂🙂"]
+    positives = ["a", "bb", None, "ccc", "dddd", "ééééé"]
+    frame = pd.DataFrame({"anchor": anchors, "positive": positives, "label": [0.5, 1.0, 0.0, 2.0, 1.5, 0.25]})
+    data = _pandas_parquet_dataset(tmp_path, frame)
+    assert data.features["anchor"].dtype == "large_string"  # the case the old code skipped
+    lengths = text_lengths(data)
+    expected = [sum(len(t) for t in (a, p) if t is not None) for a, p in zip(anchors, positives, strict=True)]
+    assert isinstance(lengths, np.ndarray) and np.issubdtype(lengths.dtype, np.integer)
+    assert lengths.tolist() == expected  # characters (code points), as Python's len(); a null cell counts 0
+    # an indices mapping (select / shuffle) is followed: the lengths are those of the selected rows, in order
+    picked = data.select([4, 0, 3])
+    assert text_lengths(picked).tolist() == [expected[4], expected[0], expected[3]]
+    # plain ``string`` columns and the ``dataset_name`` column ST adds
+    small = Dataset.from_dict({"anchor": ["ab", None], "positive": ["c", "de"], "dataset_name": ["t", "t"]})
+    assert text_lengths(small).tolist() == [3, 2]
+
+
+def test_length_aware_works_on_a_pandas_parquet(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    anchors = ["w" * int(n) for n in rng.integers(1, 200, size=256)]
+    data = DatasetDict(
+        {
+            "A": _pandas_parquet_dataset(tmp_path, pd.DataFrame({"anchor": anchors, "positive": ["p"] * 256})),
+            "B": Dataset.from_dict({"anchor": anchors[:64], "positive": ["q"] * 64}),
+        }
+    )
+    plain = list(_sampler(batch_size=8, data=data))
+    aware = list(_sampler(batch_size=8, data=data, length_aware=True, length_window=16))
+    lengths = [len(a) + 1 for a in anchors] + [len(a) + 1 for a in anchors[:64]]
+
+    def spread(batches: list[list[int]]) -> float:
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    assert sorted(i for b in aware for i in b) == sorted(i for b in plain for i in b)
+    assert spread(aware) < 0.25 * spread(plain)
 
 
 def test_length_aware_groups_similar_lengths() -> None:
