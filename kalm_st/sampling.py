@@ -24,13 +24,18 @@ How it plugs into sentence-transformers (6.2) and accelerate, and why it is buil
 - With r < 1 the fill rows of a step are drawn once for the whole world batch, without replacement, and split over
   its ``world_size`` batches: under ``gather_across_devices`` a row on two ranks would be its own copy's false
   negative.
+- The epoch (``set_epoch``) must reach the sampler through accelerate's ``BatchSamplerShard`` (several processes),
+  which has no ``set_epoch``. The trainer of transformers 5.24 reaches one level below the dataloader's batch sampler,
+  which is not enough on a resume inside an epoch (accelerate's ``SkipBatchSampler`` adds a level: the resumed epoch
+  would replay epoch 0's order); a trainer without that code never reaches it. :class:`SamplerEpochCallback` sets
+  it at every epoch start whatever the wrapping; register it with the trainer (kalm-st's ``build_stage`` does).
 - ``world_size`` is read from ``torch.distributed`` when the sampler is built (the trainer builds it after the
   process group exists); pass it explicitly to override. Gradient accumulation needs nothing special: each
   micro-step is a global batch of one task.
 
 The per-dataset ``batch_samplers`` ST passes in only provide the batch size; shuffling is done here over indices.
-Per-row state (lengths, shuffled indices, batches) is held in integer tensors, never in Python lists, so that an
-epoch over hundreds of millions of rows costs 8 bytes a row.
+Per-row state (lengths, shuffled indices, batches) is held in int64 tensors, never in Python lists of ints (about
+36 bytes a row), so that an epoch over hundreds of millions of rows fits in memory.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import pyarrow.compute as pc
 import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
 from torch.utils.data import BatchSampler, ConcatDataset
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -252,4 +258,55 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         return sum(self.steps_per_task) * self.world_size
 
 
-__all__ = ["TaskHomogeneousBatchSampler", "text_lengths"]
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the epoch on the train dataloader and on every batch sampler it wraps, at the start of each epoch.
+
+    The order of :class:`TaskHomogeneousBatchSampler` is a function of ``(seed, epoch)``, so an epoch that never
+    reaches it replays epoch 0's order. accelerate's ``DataLoaderShard.set_epoch`` stops at its ``BatchSamplerShard``
+    (multi-process) and at the ``SkipBatchSampler`` of a resumed epoch; transformers 5.24's trainer reaches one level
+    deeper (not enough on a multi-process resume), a trainer without that code not at all. This callback walks the
+    public ``batch_sampler`` chain (DataLoader -> BatchSamplerShard -> sampler) and calls
+    ``set_epoch(floor(state.epoch))`` on each object that has it; ``state.epoch`` is the epoch being started
+    (fractional when resuming inside it). The trainer calls ``on_epoch_begin`` before it wraps the loader to skip the
+    trained batches of a resumed epoch; the wrapper iterates the same sampler object.
+
+    Example::
+
+        trainer = SentenceTransformerTrainer(..., args=SentenceTransformerTrainingArguments(
+            multi_dataset_batch_sampler=TaskHomogeneousBatchSampler, ...), callbacks=[SamplerEpochCallback()])
+    """
+
+    def on_epoch_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if train_dataloader is None:
+            return
+        epoch = math.floor(state.epoch or 0)
+        for target in _epoch_targets(train_dataloader):
+            target.set_epoch(epoch)
+
+
+def _epoch_targets(dataloader: Any, max_objects: int = 16) -> list[Any]:
+    """The dataloader and the (batch) samplers below it that have ``set_epoch``, outermost first."""
+    found: list[Any] = []
+    queue, seen = [dataloader], set()
+    while queue and len(seen) < max_objects:
+        obj = queue.pop(0)
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if callable(getattr(obj, "set_epoch", None)):
+            found.append(obj)
+        queue.append(getattr(obj, "batch_sampler", None))  # DataLoader, SkipBatchSampler, BatchSamplerShard
+        inner = getattr(obj, "sampler", None)  # accelerate may hold a batch sampler as the loader's ``sampler``
+        if isinstance(inner, BatchSampler):
+            queue.append(inner)
+    return found
+
+
+__all__ = ["SamplerEpochCallback", "TaskHomogeneousBatchSampler", "text_lengths"]
