@@ -259,9 +259,9 @@ def test_epoch_callback_reaches_the_sampler_behind_batch_sampler_shard_and_on_re
 def test_build_stage_registers_the_epoch_callback(tmp_path: Path) -> None:
     from kalm_st.recipe.build import build_stage
     from kalm_st.recipe.config import load_config
-    from tests.recipe.conftest import CONFIG_DIR
 
-    run = build_stage(load_config(CONFIG_DIR / "tiny_smoke.yaml", [f"output_dir={tmp_path}"]))
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_smoke.yaml"
+    run = build_stage(load_config(config, [f"output_dir={tmp_path}"]))
     assert isinstance(run.trainer.get_train_dataloader().batch_sampler, TaskHomogeneousBatchSampler)
     assert sum(isinstance(c, SamplerEpochCallback) for c in run.trainer.callback_handler.callbacks) == 1
 
