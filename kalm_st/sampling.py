@@ -21,11 +21,21 @@ How it plugs into sentence-transformers (6.2) and accelerate, and why it is buil
 - ST's data collator takes the batch's task (for the per-task ``prompts`` and per-task loss) from the batch's
   *first* row: the rows of the step's task come first in every batch. Mixed batches (r < 1) therefore use the
   step task's prompts and loss for every row; mixing requires tasks with the same columns.
+- With r < 1 the fill rows of a step are drawn once for the whole world batch, without replacement, and split over
+  its ``world_size`` batches: under ``gather_across_devices`` a row on two ranks would be its own copy's false
+  negative.
+- The epoch (``set_epoch``) must reach the sampler through accelerate's ``BatchSamplerShard`` (several processes),
+  which has no ``set_epoch``. The trainer of transformers 5.24 reaches one level below the dataloader's batch sampler,
+  which is not enough on a resume inside an epoch (accelerate's ``SkipBatchSampler`` adds a level: the resumed epoch
+  would replay epoch 0's order); a trainer without that code never reaches it. :class:`SamplerEpochCallback` sets
+  it at every epoch start whatever the wrapping; register it with the trainer (kalm-st's ``build_stage`` does).
 - ``world_size`` is read from ``torch.distributed`` when the sampler is built (the trainer builds it after the
   process group exists); pass it explicitly to override. Gradient accumulation needs nothing special: each
   micro-step is a global batch of one task.
 
 The per-dataset ``batch_samplers`` ST passes in only provide the batch size; shuffling is done here over indices.
+Per-row state (lengths, shuffled indices, batches) is held in int64 tensors, never in Python lists of ints (about
+36 bytes a row), so that an epoch over hundreds of millions of rows fits in memory.
 """
 
 from __future__ import annotations
@@ -37,9 +47,12 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
 from torch.utils.data import BatchSampler, ConcatDataset
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +63,52 @@ def _dataset_world_size() -> int:
     return 1
 
 
-def text_lengths(dataset: Any) -> list[int]:
-    """Characters per row summed over the string columns: a cheap, tokenizer-free length key."""
-    columns = [
-        c
-        for c in dataset.column_names
-        if c not in ("label", "dataset_name") and getattr(dataset.features.get(c), "dtype", None) == "string"
-    ]
-    lengths = [0] * len(dataset)
-    for column in columns:
-        for i, text in enumerate(dataset.select_columns([column])[column]):
-            lengths[i] += len(text) if isinstance(text, str) else 0
+_TEXT_DTYPES = ("string", "large_string")  # pandas writes large_string; both are UTF-8 in Arrow
+_NOT_TEXT = ("label", "dataset_name")
+
+
+def text_lengths(dataset: Any, batch_size: int = 1 << 20) -> np.ndarray:
+    """Characters per row summed over the text columns: a cheap, tokenizer-free length key.
+
+    Counts Unicode code points (Python's ``len``) with ``pyarrow.compute.utf8_length`` over the dataset's Arrow
+    data, in batches of ``batch_size`` rows (bounded memory, an indices mapping from ``select``/``shuffle`` is
+    followed). Text columns are the ``string`` and ``large_string`` columns other than ``label`` and
+    ``dataset_name``; a null cell counts 0. Returns an ``int64`` array of ``len(dataset)`` entries.
+    """
+    features = getattr(dataset, "features", None)
+    if features is None or not hasattr(dataset, "with_format"):
+        raise TypeError(
+            f"text_lengths needs a datasets.Dataset, got {type(dataset).__name__}; pass lengths= to the sampler"
+        )
+    columns = [c for c, f in features.items() if c not in _NOT_TEXT and getattr(f, "dtype", None) in _TEXT_DTYPES]
+    lengths = np.zeros(len(dataset), dtype=np.int64)
+    if not columns or len(dataset) == 0:
+        return lengths
+    start = 0
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=batch_size):
+        stop = start + table.num_rows
+        for column in table.columns:
+            lengths[start:stop] += pc.fill_null(pc.utf8_length(column), 0).to_numpy()
+        start = stop
     return lengths
+
+
+def _first_occurrences(values: torch.Tensor) -> torch.Tensor:
+    """``values`` without repeats, each kept at its first position (order preserved)."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    positions = torch.arange(values.numel())
+    first = torch.full((unique.numel(),), values.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    return values[first.sort().values]
+
+
+def _sort_in_windows(order: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
+    """``order`` sorted by ``keys`` inside consecutive windows of ``window`` entries (stable: ties keep order)."""
+    full = order.numel() // window * window
+    head = order[:full].view(-1, window)
+    head = head.gather(1, torch.sort(keys[:full].view(-1, window), dim=1, stable=True).indices).reshape(-1)
+    tail = order[full:][torch.sort(keys[full:], stable=True).indices]
+    return torch.cat([head, tail])
 
 
 class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
@@ -73,15 +120,17 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         generator: Ignored beyond API compatibility: a private generator seeded with ``seed + epoch`` is used.
         seed: Seed; the order of epoch ``e`` is a function of ``(seed, e)`` only.
         homogeneous_ratio: Share r of each batch from the step's task; the other ``batch_size - ceil(r *
-            batch_size)`` rows are drawn without replacement from the other tasks (uniformly over their rows).
-            1.0 (default) gives fully homogeneous batches.
+            batch_size)`` rows are drawn from the other tasks (uniformly over their rows), without replacement over
+            the whole world batch of the step, so no row is on two ranks at once. 1.0 (default) gives fully
+            homogeneous batches.
         world_size: Number of processes sharing a step; default: ``torch.distributed``'s world size (1 if not
             initialised).
         length_aware: Group rows of similar length into the same batch (less padding): each task's shuffled rows
             are cut into windows of ``length_window`` global batches, sorted by length inside the window, then
             batched; the order of the steps stays random.
         length_window: Window size in global batches for ``length_aware``.
-        lengths: Length key per row of the ``ConcatDataset`` (e.g. token counts); default: :func:`text_lengths`.
+        lengths: Length key per row of the ``ConcatDataset`` (e.g. token counts; a sequence, numpy array or
+            tensor of integers); default: :func:`text_lengths`.
         task_names: Names of the tasks in order (only for messages).
 
     Per epoch, task ``t`` with ``n_t`` rows gives ``floor(n_t / (ceil(r * batch_size) * world_size))`` steps; the
@@ -99,7 +148,7 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         world_size: int | None = None,
         length_aware: bool = False,
         length_window: int = 16,
-        lengths: Sequence[int] | None = None,
+        lengths: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         task_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(dataset, batch_samplers, generator=generator, seed=seed if seed is not None else 0)
@@ -116,11 +165,13 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         self.task_names = list(task_names) if task_names is not None else [str(i) for i in range(len(self.sizes))]
         self.main_size = math.ceil(self.homogeneous_ratio * self.batch_size)
         self.fill_size = self.batch_size - self.main_size
-        if lengths is not None and len(lengths) != sum(self.sizes):
-            raise ValueError(f"lengths has {len(lengths)} entries for {sum(self.sizes)} rows")
-        self.lengths = list(lengths) if lengths is not None else None
-        if self.length_aware and self.lengths is None:
-            self.lengths = [n for d in dataset.datasets for n in text_lengths(d)]
+        self.lengths: torch.Tensor | None = None
+        if lengths is not None:
+            self.lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+            if self.lengths.ndim != 1 or self.lengths.numel() != sum(self.sizes):
+                raise ValueError(f"lengths has shape {tuple(self.lengths.shape)} for {sum(self.sizes)} rows")
+        elif self.length_aware:
+            self.lengths = torch.from_numpy(np.concatenate([text_lengths(d) for d in dataset.datasets]))
         global_rows = self.main_size * self.world_size
         self.steps_per_task = [n // global_rows for n in self.sizes]
         for name, n, steps in zip(self.task_names, self.sizes, self.steps_per_task, strict=True):
@@ -152,65 +203,110 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         if len(self.sizes) < 2:
             raise ValueError("homogeneous_ratio < 1 needs at least two tasks")
         smallest_rest = min(sum(self.sizes) - n for n in self.sizes)
-        if smallest_rest < self.fill_size:
+        needed = self.fill_size * self.world_size
+        if smallest_rest < needed:
             raise ValueError(
-                f"homogeneous_ratio={self.homogeneous_ratio} needs {self.fill_size} rows from other tasks per batch, "
-                f"but only {smallest_rest} exist for some task"
+                f"homogeneous_ratio={self.homogeneous_ratio} needs {self.fill_size} distinct rows from other tasks "
+                f"per batch, {needed} per world batch of {self.world_size} processes, but only {smallest_rest} "
+                "exist for some task"
             )
 
-    def _task_batches(self, task: int, generator: torch.Generator) -> list[list[int]]:
-        """The main rows of each batch of one task (global indices), ``steps * world_size`` batches."""
+    def _task_batches(self, task: int, generator: torch.Generator) -> torch.Tensor:
+        """The main rows of each batch of one task (global indices): ``(steps * world_size, main_size)``."""
         n, offset = self.sizes[task], self.offsets[task]
-        order = torch.randperm(n, generator=generator).tolist()
         usable = self.steps_per_task[task] * self.world_size * self.main_size
-        order = order[:usable]
+        order = torch.randperm(n, generator=generator)[:usable]
         if self.length_aware and self.lengths is not None:
             window = self.length_window * self.world_size * self.main_size
-            sorted_order: list[int] = []
-            for start in range(0, len(order), window):
-                chunk = order[start : start + window]
-                sorted_order.extend(sorted(chunk, key=lambda i: self.lengths[offset + i]))
-            order = sorted_order
-        batches = [
-            [offset + i for i in order[start : start + self.main_size]] for start in range(0, usable, self.main_size)
-        ]
+            order = _sort_in_windows(order, self.lengths[offset + order], window)
+        batches = (order + offset).view(-1, self.main_size)
         if self.length_aware:
             # keep global batches (world_size consecutive batches) together; shuffle their order within the task
-            groups = [batches[i : i + self.world_size] for i in range(0, len(batches), self.world_size)]
-            perm = torch.randperm(len(groups), generator=generator).tolist()
-            batches = [b for g in perm for b in groups[g]]
+            groups = batches.view(-1, self.world_size, self.main_size)
+            batches = groups[torch.randperm(groups.shape[0], generator=generator)].reshape(-1, self.main_size)
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator()
         generator.manual_seed(int(self.seed) + int(self.epoch))
         per_task = [self._task_batches(t, generator) for t in range(len(self.sizes))]
-        step_tasks = [t for t, steps in enumerate(self.steps_per_task) for _ in range(steps)]
-        step_tasks = [step_tasks[i] for i in torch.randperm(len(step_tasks), generator=generator).tolist()]
+        step_tasks = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.steps_per_task))
+        step_tasks = step_tasks[torch.randperm(step_tasks.numel(), generator=generator)]
         cursors = [0] * len(self.sizes)
-        for task in step_tasks:
-            for _ in range(self.world_size):
-                batch = per_task[task][cursors[task]]
-                cursors[task] += 1
-                if self.fill_size:
-                    batch = batch + self._fill(task, generator)
-                yield batch
+        for task in step_tasks.tolist():
+            rows = per_task[task][cursors[task] : cursors[task] + self.world_size]  # (world_size, main_size)
+            cursors[task] += self.world_size
+            if self.fill_size:
+                rows = torch.cat([rows, self._fill(task, generator).view(self.world_size, self.fill_size)], dim=1)
+            yield from rows.tolist()
 
-    def _fill(self, task: int, generator: torch.Generator) -> list[int]:
-        """``fill_size`` distinct rows drawn uniformly from the rows of the other tasks."""
+    def _fill(self, task: int, generator: torch.Generator) -> torch.Tensor:
+        """``fill_size * world_size`` distinct rows of the other tasks for one step, uniformly without replacement."""
+        needed = self.fill_size * self.world_size
         others = sum(self.sizes) - self.sizes[task]
-        picks: list[int] = []
-        seen: set[int] = set()
-        while len(picks) < self.fill_size:
-            for p in torch.randint(others, (2 * self.fill_size,), generator=generator).tolist():
-                if p not in seen and len(picks) < self.fill_size:
-                    seen.add(p)
-                    picks.append(p)
-        start, end = self.offsets[task], self.offsets[task] + self.sizes[task]
-        return [p if p < start else p + (end - start) for p in picks]
+        if 4 * needed >= others:  # a large share of the pool: one permutation is cheaper than rejection
+            picks = torch.randperm(others, generator=generator)[:needed]
+        else:  # draw with replacement, keep first occurrences (a uniform ordered sample without replacement)
+            picks = torch.empty(0, dtype=torch.long)
+            while picks.numel() < needed:
+                drawn = torch.randint(others, (2 * needed,), generator=generator)
+                picks = _first_occurrences(torch.cat([picks, drawn]))[:needed]
+        start = self.offsets[task]
+        return torch.where(picks < start, picks, picks + self.sizes[task])  # skip over the step task's rows
 
     def __len__(self) -> int:
         return sum(self.steps_per_task) * self.world_size
 
 
-__all__ = ["TaskHomogeneousBatchSampler", "text_lengths"]
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the epoch on the train dataloader and on every batch sampler it wraps, at the start of each epoch.
+
+    The order of :class:`TaskHomogeneousBatchSampler` is a function of ``(seed, epoch)``, so an epoch that never
+    reaches it replays epoch 0's order. accelerate's ``DataLoaderShard.set_epoch`` stops at its ``BatchSamplerShard``
+    (multi-process) and at the ``SkipBatchSampler`` of a resumed epoch; transformers 5.24's trainer reaches one level
+    deeper (not enough on a multi-process resume), a trainer without that code not at all. This callback walks the
+    public ``batch_sampler`` chain (DataLoader -> BatchSamplerShard -> sampler) and calls
+    ``set_epoch(floor(state.epoch))`` on each object that has it; ``state.epoch`` is the epoch being started
+    (fractional when resuming inside it). The trainer calls ``on_epoch_begin`` before it wraps the loader to skip the
+    trained batches of a resumed epoch; the wrapper iterates the same sampler object.
+
+    Example::
+
+        trainer = SentenceTransformerTrainer(..., args=SentenceTransformerTrainingArguments(
+            multi_dataset_batch_sampler=TaskHomogeneousBatchSampler, ...), callbacks=[SamplerEpochCallback()])
+    """
+
+    def on_epoch_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if train_dataloader is None:
+            return
+        epoch = math.floor(state.epoch or 0)
+        for target in _epoch_targets(train_dataloader):
+            target.set_epoch(epoch)
+
+
+def _epoch_targets(dataloader: Any, max_objects: int = 16) -> list[Any]:
+    """The dataloader and the (batch) samplers below it that have ``set_epoch``, outermost first."""
+    found: list[Any] = []
+    queue, seen = [dataloader], set()
+    while queue and len(seen) < max_objects:
+        obj = queue.pop(0)
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if callable(getattr(obj, "set_epoch", None)):
+            found.append(obj)
+        queue.append(getattr(obj, "batch_sampler", None))  # DataLoader, SkipBatchSampler, BatchSamplerShard
+        inner = getattr(obj, "sampler", None)  # accelerate may hold a batch sampler as the loader's ``sampler``
+        if isinstance(inner, BatchSampler):
+            queue.append(inner)
+    return found
+
+
+__all__ = ["SamplerEpochCallback", "TaskHomogeneousBatchSampler", "text_lengths"]

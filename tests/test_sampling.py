@@ -1,4 +1,5 @@
-"""Task-homogeneous, rank-aware batch sampler: unit checks and a real 2-process gloo run through the ST trainer."""
+"""Task-homogeneous, rank-aware batch sampler: unit checks, epoch reshuffling through accelerate's wrappers, and a
+real 2-process gloo run through the ST trainer (spawned once for the module: starting the processes costs ~15 s)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import socket
 from bisect import bisect_right
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
 from datasets import Dataset, DatasetDict
-from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, SequentialSampler
 
 from kalm_st.data import build_training_prompts
-from kalm_st.sampling import TaskHomogeneousBatchSampler
+from kalm_st.sampling import SamplerEpochCallback, TaskHomogeneousBatchSampler, text_lengths
 
 SIZES = {"A": 40, "B": 24, "C": 17}
 
@@ -74,6 +77,79 @@ def test_homogeneous_ratio_mixes_other_tasks_after_the_step_task() -> None:
             assert all(_task_of(i, sizes) not in main for i in b[6:])  # 2 of 8 from other tasks
 
 
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_fill_rows_never_repeat_within_a_step(world_size: int) -> None:
+    """Issue 16 item 5: under ``gather_across_devices`` a row twice in one step is its own copy's false negative."""
+    # small other-task pools (A's fill comes from the 26 rows of B and C) make collisions likely if ranks draw alone
+    data = _datasets({"A": 60, "B": 14, "C": 12})
+    sampler = _sampler(batch_size=8, data=data, world_size=world_size, homogeneous_ratio=0.5)
+    sizes = [60, 14, 12]
+    steps = 0
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) % world_size == 0 and all(len(b) == 8 for b in batches)
+        for start in range(0, len(batches), world_size):
+            group = batches[start : start + world_size]  # the world batch of one step: batch i -> rank i % ws
+            rows = [i for b in group for i in b]
+            assert len(rows) == len(set(rows)), f"epoch {epoch}, step {start // world_size}: a row repeats"
+            main = {_task_of(i, sizes) for b in group for i in b[:4]}
+            assert len(main) == 1 and all(_task_of(i, sizes) not in main for b in group for i in b[4:])
+            steps += 1
+    assert steps >= 100
+
+
+def test_fill_needs_enough_rows_for_the_whole_world_batch() -> None:
+    data = _datasets({"A": 40, "B": 5, "C": 4})  # A's fill would need 4 x 2 = 8 rows from B and C: 9 exist
+    _sampler(batch_size=8, data=data, world_size=2, homogeneous_ratio=0.5)
+    with pytest.raises(ValueError, match="world batch"):  # 4 ranks x 4 fill rows = 16 > 9
+        _sampler(batch_size=8, data=data, world_size=4, homogeneous_ratio=0.5)
+
+
+def _pandas_parquet_dataset(tmp_path: Path, frame: pd.DataFrame) -> Dataset:
+    """A parquet written by pandas, loaded by ``datasets``: string columns come back as ``large_string``."""
+    frame.to_parquet(tmp_path / "rows.parquet")
+    return Dataset.from_parquet(str(tmp_path / "rows.parquet"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_text_lengths_counts_large_string_columns_and_nulls(tmp_path: Path) -> None:
+    anchors = ["héllo wörld", None, "", "x" * 1000, "日本語のテキスト", "emoji 🙂🙂"]
+    positives = ["a", "bb", None, "ccc", "dddd", "ééééé"]
+    frame = pd.DataFrame({"anchor": anchors, "positive": positives, "label": [0.5, 1.0, 0.0, 2.0, 1.5, 0.25]})
+    data = _pandas_parquet_dataset(tmp_path, frame)
+    assert data.features["anchor"].dtype == "large_string"  # the case the old code skipped
+    lengths = text_lengths(data)
+    expected = [sum(len(t) for t in (a, p) if t is not None) for a, p in zip(anchors, positives, strict=True)]
+    assert isinstance(lengths, np.ndarray) and np.issubdtype(lengths.dtype, np.integer)
+    assert lengths.tolist() == expected  # characters (code points), as Python's len(); a null cell counts 0
+    # an indices mapping (select / shuffle) is followed: the lengths are those of the selected rows, in order
+    picked = data.select([4, 0, 3])
+    assert text_lengths(picked).tolist() == [expected[4], expected[0], expected[3]]
+    # plain ``string`` columns and the ``dataset_name`` column ST adds
+    small = Dataset.from_dict({"anchor": ["ab", None], "positive": ["c", "de"], "dataset_name": ["t", "t"]})
+    assert text_lengths(small).tolist() == [3, 2]
+
+
+def test_length_aware_works_on_a_pandas_parquet(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    anchors = ["w" * int(n) for n in rng.integers(1, 200, size=256)]
+    data = DatasetDict(
+        {
+            "A": _pandas_parquet_dataset(tmp_path, pd.DataFrame({"anchor": anchors, "positive": ["p"] * 256})),
+            "B": Dataset.from_dict({"anchor": anchors[:64], "positive": ["q"] * 64}),
+        }
+    )
+    plain = list(_sampler(batch_size=8, data=data))
+    aware = list(_sampler(batch_size=8, data=data, length_aware=True, length_window=16))
+    lengths = [len(a) + 1 for a in anchors] + [len(a) + 1 for a in anchors[:64]]
+
+    def spread(batches: list[list[int]]) -> float:
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    assert sorted(i for b in aware for i in b) == sorted(i for b in plain for i in b)
+    assert spread(aware) < 0.25 * spread(plain)
+
+
 def test_length_aware_groups_similar_lengths() -> None:
     data = _datasets({"A": 400, "B": 200})
     plain = list(_sampler(batch_size=8, data=data))
@@ -97,7 +173,102 @@ def test_bad_options() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A real 2-process gloo run: the ST trainer builds the sampler and accelerate shards its batches across the ranks.
+# Epochs (issue 16 item 8). The order is a function of (seed, epoch); an epoch that does not reach the sampler
+# replays epoch 0. Installed stack (transformers 5.24, accelerate 1.15): in one process accelerate's
+# DataLoaderShard.set_epoch reaches the sampler; with several processes it stops at BatchSamplerShard, and
+# transformers 5.24's trainer reaches one level deeper, which is not enough on a resume inside an epoch
+# (SkipBatchSampler -> BatchSamplerShard -> sampler). SamplerEpochCallback walks the whole chain.
+# ---------------------------------------------------------------------------------------------------------------------
+
+ROW_SIZES = {"A": 24, "B": 16}  # batch 4 x 2 processes: 3 + 2 = 5 steps per epoch
+
+
+def _row_datasets() -> DatasetDict:
+    """Every row carries its index in the ConcatDataset in ``label`` (which ST hands to the loss untouched)."""
+    data, offset = {}, 0
+    for task, n in ROW_SIZES.items():
+        data[task] = Dataset.from_dict(
+            {
+                "anchor": [f"{task} query {i}" for i in range(n)],
+                "positive": [f"{task} passage {i}" for i in range(n)],
+                "label": list(range(offset, offset + n)),
+            }
+        )
+        offset += n
+    return DatasetDict(data)
+
+
+def _row_sampler(data: DatasetDict, world_size: int) -> TaskHomogeneousBatchSampler:
+    concat = ConcatDataset(list(data.values()))
+    children = [BatchSampler(SequentialSampler(d), 4, drop_last=False) for d in data.values()]
+    return TaskHomogeneousBatchSampler(concat, children, seed=3, world_size=world_size)
+
+
+def _rows_of_rank(epoch: int, world_size: int, rank: int) -> list[list[int]]:
+    """The rows a rank must get in an epoch: a fresh sampler's global order, batch i to rank i % world_size."""
+    sampler = _row_sampler(_row_datasets(), world_size)
+    sampler.set_epoch(epoch)
+    return list(sampler)[rank::world_size]
+
+
+def _labels(batch: list[dict]) -> list[int]:
+    return [row["label"] for row in batch]
+
+
+def _sharded_loader(world_size: int, rank: int):
+    """What ``accelerator.prepare`` builds on rank ``rank``: a DataLoaderShard over a BatchSamplerShard."""
+    from accelerate.data_loader import BatchSamplerShard, prepare_data_loader
+
+    data = _row_datasets()
+    loader = DataLoader(
+        ConcatDataset(list(data.values())), batch_sampler=_row_sampler(data, world_size), collate_fn=_labels
+    )
+    loader = prepare_data_loader(
+        loader, num_processes=world_size, process_index=rank, put_on_device=False, even_batches=False
+    )
+    assert isinstance(loader.batch_sampler, BatchSamplerShard)
+    return loader
+
+
+def _begin_epoch(epoch: float, loader, tmp_path: Path) -> None:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    SamplerEpochCallback().on_epoch_begin(args, TrainerState(epoch=epoch), TrainerControl(), train_dataloader=loader)
+
+
+def test_epoch_callback_reaches_the_sampler_behind_batch_sampler_shard_and_on_resume(tmp_path: Path) -> None:
+    from accelerate import skip_first_batches
+
+    for rank in range(2):
+        loader = _sharded_loader(2, rank)
+        _begin_epoch(0.0, loader, tmp_path)
+        epoch0 = list(loader)
+        loader.set_epoch(1)  # what accelerate and the trainer do; it stops at the BatchSamplerShard
+        _begin_epoch(1.0, loader, tmp_path)
+        epoch1 = list(loader)
+        assert epoch0 == _rows_of_rank(0, 2, rank)
+        assert epoch1 == _rows_of_rank(1, 2, rank) and epoch1 != epoch0
+        # a resumed run: a fresh sampler, 1.4 epochs done, the trainer skips the first 2 batches of epoch 1
+        loader = _sharded_loader(2, rank)
+        _begin_epoch(1.4, loader, tmp_path)
+        loader.set_epoch(1)
+        assert list(skip_first_batches(loader, 2)) == _rows_of_rank(1, 2, rank)[2:]
+
+
+def test_build_stage_registers_the_epoch_callback(tmp_path: Path) -> None:
+    from kalm_st.recipe.build import build_stage
+    from kalm_st.recipe.config import load_config
+
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_smoke.yaml"
+    run = build_stage(load_config(config, [f"output_dir={tmp_path}"]))
+    assert isinstance(run.trainer.get_train_dataloader().batch_sampler, TaskHomogeneousBatchSampler)
+    assert sum(isinstance(c, SamplerEpochCallback) for c in run.trainer.callback_handler.callbacks) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real 2-process gloo run: the ST trainer builds the sampler and accelerate shards its batches across the ranks;
+# then two real trainings (2 epochs, and a resume inside epoch 1) record the rows the loss trained on.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -105,6 +276,44 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _trained_rows(model_dir: str, out_dir: str) -> dict[str, list[list[int]]]:
+    """Rows per step of a 2-epoch run and of a run resumed from its checkpoint at step 7 (inside epoch 1)."""
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    class RecordingLoss(MultipleNegativesRankingLoss):
+        """The stock loss, recording the rows (``label`` = row index) of every batch it trains on."""
+
+        def __init__(self, model: SentenceTransformer) -> None:
+            super().__init__(model)
+            self.seen: list[list[int]] = []
+
+        def forward(self, sentence_features, labels):
+            self.seen.append(labels.tolist())
+            return super().forward(sentence_features, labels)
+
+    def run(resume: str | None) -> list[list[int]]:
+        model = SentenceTransformer(model_dir, device="cpu")
+        loss = RecordingLoss(model)
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=4, num_train_epochs=2, use_cpu=True, seed=3,
+            multi_dataset_batch_sampler=TaskHomogeneousBatchSampler, report_to=[], ddp_backend="gloo",
+            save_strategy="steps", save_steps=7, logging_strategy="no", disable_tqdm=True,
+        )  # fmt: skip
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=_row_datasets(), loss=loss, callbacks=[SamplerEpochCallback()]
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return loss.seen
+
+    full = run(None)
+    return {"full": full, "resumed": run(os.path.join(out_dir, "checkpoint-7"))}
 
 
 def _worker(rank: int, world_size: int, port: int, model_dir: str, out_dir: str) -> None:
@@ -147,23 +356,43 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str, out_dir: str)
             first_batch = next(iter(loader))
             assert first_batch["dataset_name"] == list(SIZES)[step_tasks[0][0]]
         results[name] = gathered
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, _trained_rows(model_dir, os.path.join(out_dir, "epochs")))
+    results["epochs"] = gathered
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "result.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def test_one_task_per_global_batch_in_a_real_2_process_gloo_run(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def gloo_run(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from kalm_st import build_model
 
-    model_dir = tmp_path / "model"
+    folder = tmp_path_factory.mktemp("gloo-run")
+    model_dir = folder / "model"
     build_model(tiny_qwen_dir, dtype="float32", device="cpu").save(str(model_dir))
-    mp.spawn(_worker, args=(2, _free_port(), str(model_dir), str(tmp_path)), nprocs=2, join=True)
-    results = torch.load(tmp_path / "result.pt")
-    rank0, rank1 = results["kalm"]
+    mp.spawn(_worker, args=(2, _free_port(), str(model_dir), str(folder)), nprocs=2, join=True)
+    return torch.load(folder / "result.pt")
+
+
+def test_one_task_per_global_batch_in_a_real_2_process_gloo_run(gloo_run: dict) -> None:
+    rank0, rank1 = gloo_run["kalm"]
     assert len(rank0) == len(rank1) == 40 // 6 + 24 // 6 + 17 // 6  # same step count on both ranks
     for tasks0, tasks1 in zip(rank0, rank1, strict=True):
         assert len(tasks0) == 1 and tasks0 == tasks1  # one task per global batch on every rank
     # the control: sentence-transformers' own multi-dataset sampler is not rank-aware
-    st0, st1 = results["st_proportional"]
+    st0, st1 = gloo_run["st_proportional"]
     assert any(a != b for a, b in zip(st0, st1, strict=False))
+
+
+def test_real_trainer_reshuffles_epochs_and_resumes_on_the_same_rows(gloo_run: dict) -> None:
+    steps = 5
+    for rank, record in enumerate(gloo_run["epochs"]):
+        # the batches the trainer fed the loss are epochs 0 and 1 of a fresh sampler, sharded
+        assert record["full"] == _rows_of_rank(0, 2, rank) + _rows_of_rank(1, 2, rank)
+        assert record["full"][:steps] != record["full"][steps:]  # epoch 1 is reshuffled
+        assert record["resumed"] == record["full"][7:]  # the resumed run trains the rows the full run trained
+    for epoch in range(2):  # every row once per epoch over both ranks
+        batches = [b for record in gloo_run["epochs"] for b in record["full"][epoch * steps : (epoch + 1) * steps]]
+        assert sorted(i for b in batches for i in b) == list(range(sum(ROW_SIZES.values())))

@@ -287,6 +287,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     from sentence_transformers import SentenceTransformerTrainer
 
     from kalm_st.recipe.mixing_state import MixingStateCallback, mixing_objects
+    from kalm_st.sampling import SamplerEpochCallback
 
     if not config.is_training:
         raise ConfigError(f"{config.source}: stage 'soup' has no trainer; use kalm_st.recipe.soup.run_soup.")
@@ -301,7 +302,8 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     model = build_stage_model(config)
     args = training_arguments(config, prompts)
     losses = build_losses(model, config)
-    callbacks = list(callbacks)
+    # the sampler's epoch must reach it through accelerate's wrappers on every transformers version and on resume
+    callbacks = [SamplerEpochCallback(), *callbacks]
     mixings = mixing_objects(losses)
     if mixings:  # the Trainer checkpoints no loss state: save the mixing generators ourselves
         callbacks.append(MixingStateCallback(mixings))
