@@ -269,3 +269,20 @@ class TestBadInput:
 def test_package_exports():
     assert Path(kalm_st.__file__).parent.name == "kalm_st"
     assert kalm_st.MATRYOSHKA_DIMS == (896, 512, 256, 128, 64)
+
+
+def test_texts_are_embedded_as_plain_text_not_through_the_chat_template(qwen_tokenizer_dir, tmp_path):
+    """The real Qwen2 tokenizer has a chat template; sentence-transformers 6 would render every text through it (a
+    KaLM prompt becoming a system message). KaLM embeds the plain string ``prompt + text``."""
+    from sentence_transformers import SentenceTransformer
+
+    reference = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    assert reference.chat_template is not None  # the hazard is real for this tokenizer
+    config = testing.tiny_qwen_config(vocab_size=151_936, num_hidden_layers=1)
+    model = build_model(config, tokenizer=qwen_tokenizer_dir, dtype="float32", device="cpu")
+    prompt = "Instruct: Given a query, retrieve documents that answer the query \n Query: "
+    expected = reference([prompt + "PIN reset?"])["input_ids"][0]
+    assert model[0].preprocess(["PIN reset?"], prompt=prompt)["input_ids"][0].tolist() == expected
+    model.save(str(tmp_path / "m"))
+    plain = SentenceTransformer(str(tmp_path / "m"), device="cpu")  # the saved model keeps the plain-text mode
+    assert plain[0].preprocess(["PIN reset?"], prompt=prompt)["input_ids"][0].tolist() == expected

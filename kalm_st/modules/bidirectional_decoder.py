@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 
 MIN_TRANSFORMERS_VERSION = "5.2.0"
 # transformers < 5.2 silently ignores ``config.is_causal = False`` and runs decoders causally.
+TEXT_ONLY_MODALITY: dict[str, dict[str, str]] = {
+    "text": {"method": "forward", "method_output_name": "last_hidden_state"}
+}
+"""sentence-transformers' ``modality_config`` for plain text only (no chat-template "message" mode)."""
+
 _TRANSFORMERS_SUPPORTS_IS_CAUSAL_FALSE = Version(transformers.__version__) >= Version(MIN_TRANSFORMERS_VERSION)
 
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(
@@ -97,6 +102,11 @@ class BidirectionalDecoder(Transformer):
             **{k: v for k, v in model_kwargs.items() if k in ("revision", "token", "trust_remote_code")},
         )
         check_supported_config(config, source=str(model_name_or_path))
+        if "modality_config" not in kwargs:
+            # Plain text only: sentence-transformers 6 renders text through the tokenizer's chat template whenever
+            # the tokenizer has one (Qwen2 / SmolLM2 tokenizers do), turning "Instruct: ... \n Query: " prompts into a
+            # system message. KaLM embeds the plain string; the pinned config is saved with the model.
+            kwargs = {**kwargs, "modality_config": dict(TEXT_ONLY_MODALITY), "module_output_name": "token_embeddings"}
         super().__init__(model_name_or_path, max_seq_length=max_seq_length, **kwargs)
         self._make_bidirectional()
 
@@ -108,6 +118,13 @@ class BidirectionalDecoder(Transformer):
         """
         require_bidirectional_support()
         check_supported_config(module.auto_model.config, source=type(module.auto_model).__name__)
+        if "message" in module.modality_config:
+            logger.warning(
+                "%s was saved with the chat-template ('message') input mode: texts are rendered through the "
+                "tokenizer's chat template, unlike KaLM, which embeds plain text (models kalm-st builds are pinned "
+                "to plain text). Kept as saved.",
+                type(module.auto_model).__name__,
+            )
         module.__class__ = cls
         module._make_bidirectional()
         return module
