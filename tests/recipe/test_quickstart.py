@@ -1,6 +1,7 @@
-"""The quickstart pipeline end to end (every stage, curation, soup, before/after evaluation) on a tiny backbone.
+"""The quickstart recipe (training/recipes/quickstart.yaml, what `kalm-st quickstart` runs) end to end on a tiny
+backbone: every step, curation outputs feeding the stages, before/after scores, a kalm-v2 folder plain ST loads.
 
-The real run (SmolLM2-135M, ~13 minutes with installs) is documented in docs/quickstart.md; this checks the wiring in CI.
+The real run (SmolLM2-135M) is documented in docs/quickstart.md; this checks the wiring in CI.
 """
 
 from __future__ import annotations
@@ -9,50 +10,48 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from sentence_transformers import SentenceTransformer
 
-from kalm_st.recipe.quickstart import QuickstartSizes, run_quickstart
+from kalm_st.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import REPO_ROOT
+
+TINY = "builtin:tiny-qwen2"
+SMALL_TRAINING = ["max_steps=1", "per_device_train_batch_size=4"]
 
 
-def test_quickstart_end_to_end_on_a_tiny_backbone(tmp_path, monkeypatch, tiny_qwen_dir):
-    # The quickstart runs from a clone's root; give it the bundled data and configs, keep its outputs in tmp_path.
-    (tmp_path / "data").symlink_to(REPO / "data")
-    (tmp_path / "training").symlink_to(REPO / "training")
-    monkeypatch.chdir(tmp_path)
-    sizes = QuickstartSizes(
-        stage1_sts=32, stage1_trecqa=32, curated_sts=16, curated_trecqa_questions=6, banking_classes=4,
-        banking_per_class=4, eval_sts_pairs=20, eval_trecqa_questions=4, mine_range=(1, 8), filter_top_k=50,
-    )  # fmt: skip
-    result = run_quickstart(
-        "kalm-v2",
-        backbone=str(tiny_qwen_dir),
-        sizes=sizes,
-        overrides=["args.max_steps=1", "args.per_device_train_batch_size=4"],
-    )
-    expected_metrics = {"STS-B test Spearman", "TrecQA test MRR@10"}
-    assert set(result.before) == set(result.after) == expected_metrics
-    assert all(math.isfinite(v) for v in [*result.before.values(), *result.after.values()])
-    for stage in (
-        "eval_before",
-        "stage1_pretrain",
-        "curate",
-        "stage2_finetune",
-        "stage3_distill",
-        "soup",
-        "eval_after",
-    ):
-        assert stage in result.timings
+def test_quickstart_recipe_end_to_end_on_a_tiny_backbone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)  # the recipe names the bundled data relative to the clone's root
+    overrides = [f"output_dir={tmp_path / 'work'}", f"zero_shot.model={TINY}", "zero_shot.max_seq_length=128"]
+    for step in ("zero_shot", "trained"):  # 100 STS-B dev pairs instead of the held-out sets, for time
+        overrides += [f"{step}.data_dir=training/data/tiny_eval", f"{step}.tasks=[STSBenchmark]"]
+    for stage in ("stage1", "stage2", "stage3"):
+        overrides += [f"{stage}.set.args.{a}" for a in SMALL_TRAINING] + [f"{stage}.set.model.max_seq_length=128"]
+    overrides.append(f"stage1.set.model.init_from={TINY}")
+    argv = ["quickstart", "--output", str(tmp_path / "kalm-v2")] + [x for o in overrides for x in ("--set", o)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "zero_shot" in out and "trained" in out and "STSBenchmark" in out
 
-    # Stage-3 rows carry teacher scores for the positive and the 3 mined / labelled negatives.
-    work = tmp_path / "outputs" / "quickstart" / "data"
-    for name in ("sts", "trecqa", "banking77"):
-        rows = [json.loads(line) for line in (work / f"stage3_{name}.jsonl").read_text().splitlines()]
-        assert rows and all(len(r["label"]) == 4 for r in rows)
-        assert all(r["positive"] not in (r["negative_1"], r["negative_2"], r["negative_3"]) for r in rows)
+    work = tmp_path / "work"
+    for step in ("zero_shot", "trained"):
+        scores = json.loads((work / step / "scores.json").read_text())
+        assert set(scores) == {"STSBenchmark"} and all(map(math.isfinite, scores.values()))
+    # Stage-3 rows: teacher scores for the positive and the 3 mined / labelled negatives of every task.
+    teacher = pq.read_table(work / "teacher" / "data.parquet").to_pydict()
+    assert set(teacher["task"]) == {"STSBenchmark", "TrecQARetrieval", "Banking77Classification"}
+    assert all(len(label) == 4 for label in teacher["label"])
+    negatives = zip(teacher["negative_1"], teacher["negative_2"], teacher["negative_3"], strict=True)
+    assert all(p not in negs for p, negs in zip(teacher["positive"], negatives, strict=True))
 
-    # The soup is what kalm-v2/ holds, and plain sentence-transformers loads it.
+    # The soup is what kalm-v2/ holds, and plain sentence-transformers loads it, bidirectional.
     model = SentenceTransformer(str(tmp_path / "kalm-v2"), device="cpu")
     assert model[0].auto_model.config.is_causal is False
     assert model.encode(["hello world"]).shape == (1, 64)
+
+
+def test_quickstart_outside_a_clone_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart"]) == 2
+    assert "runs from the root of a kalm-st clone" in capsys.readouterr().err
