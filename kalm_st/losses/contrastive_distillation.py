@@ -118,8 +118,10 @@ class ContrastiveDistillation(nn.Module):
             if self.base_loss.gather_across_devices and util.get_world_size() > 1:
                 docs = [util.all_gather_with_grad(d) for d in docs]
                 teacher_docs = [util.all_gather_with_grad(d) for d in teacher_docs]
-            teacher = similarity_fct(teacher_embeddings[:, 0], torch.cat(teacher_docs))
-            student = similarity_fct(queries, torch.cat(docs))
+            teacher = functional.similarity_logits(
+                teacher_embeddings[:, 0], torch.cat(teacher_docs), 1.0, similarity_fct
+            )
+            student = functional.similarity_logits(queries, torch.cat(docs), 1.0, similarity_fct)
         return functional.kl_distill(student, teacher, self.student_temperature, self.teacher_temperature)
 
     def _check_teacher_embeddings(self, labels: Any, batch_size: int, num_columns: int) -> Tensor:
