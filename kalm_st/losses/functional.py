@@ -17,6 +17,7 @@ even inside an autocast region (:func:`_full_precision`): at ``tau = 0.01`` a bf
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -199,6 +200,85 @@ def mix_hard_negatives(negatives: Tensor, weights: Tensor) -> Tensor:
         return F.normalize(mixed, p=2, dim=-1)
 
 
+def false_negative_mask(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    margin: float,
+    scale: float,
+    positive_keys: Tensor | None = None,
+    candidate_keys: Tensor | None = None,
+) -> Tensor:
+    """Which candidates count as false negatives of their row: ``(N, C)`` bool, never True at the positive.
+
+    Beyond the paper, after Qwen3-Embedding (DATA_AND_SERVING.md §4). Candidate ``c`` of row ``i`` is masked when
+
+    (a) it is the same text as row ``i``'s positive: ``candidate_keys[.., c] == positive_keys[i]`` (fingerprints from
+        :func:`text_fingerprints`; ``-1`` marks a candidate without a text, e.g. a synthetic negative), or
+    (b) it scores above the positive by more than ``margin``: ``s(q_i, c) > s(q_i, p_i) + margin``, i.e.
+        ``logits[i, c] > logits[i, target_i] + margin * scale`` (``margin`` is on the similarity's scale, e.g.
+        cosine, as Qwen3-Embedding's 0.1; ``scale = 1 / temperature``).
+
+    The caller sets the masked logits to ``-inf``, which removes them from the softmax's denominator: the focal
+    InfoNCE is then computed over the remaining candidates.
+
+    Args:
+        logits: ``(N, C)`` scaled similarities (only compared, no gradient flows through the mask).
+        target: ``(N,)`` column of each row's positive.
+        margin: Similarity margin of rule (b), ``>= 0``.
+        scale: The factor the similarities were multiplied by.
+        positive_keys: ``(N,)`` fingerprints of the rows' positives; ``None`` skips rule (a).
+        candidate_keys: ``(C,)`` fingerprints shared by every row (in-batch candidates) or ``(N, C)`` per row.
+    """
+    if not margin >= 0:
+        raise ValueError(f"false-negative margin must be >= 0, got {margin!r}")
+    logits = logits.detach()
+    target = target.long()[:, None]
+    with torch.no_grad():
+        mask = logits > logits.gather(1, target) + margin * scale
+        if positive_keys is not None:
+            if candidate_keys is None:
+                raise ValueError("false_negative_mask got positive_keys without candidate_keys.")
+            mask |= candidate_keys.expand_as(mask) == positive_keys[:, None]
+        return mask.scatter(1, target, False)
+
+
+# Polynomial hashes modulo two primes below 2^31, so the product of two residues fits in int64 (no overflow).
+_HASH_MODULI = (2_147_483_647, 2_147_483_629)
+_HASH_BASES = (911_382_323, 972_663_749)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_powers(base: int, modulus: int, length: int) -> Tensor:
+    """``base**k mod modulus`` for ``k < length`` (int64, CPU), by doubling: ``log2(length)`` vector steps."""
+    powers = torch.ones(1, dtype=torch.long)
+    while powers.numel() < length:
+        powers = torch.cat([powers, powers * pow(base, powers.numel(), modulus) % modulus])
+    return powers[:length]
+
+
+def text_fingerprints(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """A 62-bit fingerprint per row of token ids, padding excluded: ``(B, L)`` -> ``(B,)`` int64, all ``>= 0``.
+
+    Two rows get equal fingerprints when their unpadded token sequences are equal (the same text under the same
+    tokenizer and prompt), whatever the padding side or the batch's padded length. It is the pair of polynomial
+    hashes ``sum_k (id_k + 1) * b**k mod P`` over the row's real tokens (``k`` counts real tokens only) for two primes
+    ``P < 2**31``: two different sequences of ``L`` tokens collide with probability about ``(L / 2**31) ** 2``
+    (~1e-13 at 512 tokens), so a wrongly masked candidate is not a practical concern. Vectorised, on the ids' device.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"text_fingerprints expects (batch, length) token ids, got shape {tuple(input_ids.shape)}")
+    ids = input_ids.long()
+    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rank = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # index among the row's real tokens (left or right padding)
+    fingerprint = torch.zeros(ids.size(0), dtype=torch.long, device=ids.device)
+    for base, modulus in zip(_HASH_BASES, _HASH_MODULI, strict=True):
+        powers = _hash_powers(base, modulus, max(ids.size(1), 1)).to(ids.device)
+        terms = (ids % modulus + 1) * powers[rank] % modulus  # each < 2^31; a row's sum < L * 2^31
+        fingerprint = fingerprint * 2**31 + torch.where(real, terms, 0).sum(dim=1) % modulus
+    return fingerprint
+
+
 def kl_distill(
     student_scores: Tensor,
     teacher_scores: Tensor,
@@ -268,10 +348,12 @@ def check_temperature(name: str, value: float) -> None:
 __all__ = [
     "check_teacher_scores",
     "check_temperature",
+    "false_negative_mask",
     "focal_info_nce",
     "kl_distill",
     "mix_hard_negatives",
     "rowwise_logits",
     "sample_mixing_weights",
     "similarity_logits",
+    "text_fingerprints",
 ]
