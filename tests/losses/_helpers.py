@@ -41,6 +41,15 @@ NEGATIVES_2 = [
 ]
 
 
+def duplicate_columns() -> list[list[str]]:
+    """(anchor, positive, negative_1, negative_2) whose negatives repeat positives, for the false-negative mask: row 1's
+    and row 4's negative_1 are row 0's positive (row 4 is on the other process of a 2-process split of the 6 rows),
+    row 3's negative_2 is its own positive. In-batch, 3 candidates are duplicates of a row's positive; own-only, 1."""
+    negatives_1, negatives_2 = list(NEGATIVES_1), list(NEGATIVES_2)
+    negatives_1[1], negatives_1[4], negatives_2[3] = POSITIVES[0], POSITIVES[0], POSITIVES[3]
+    return [ANCHORS, POSITIVES, negatives_1, negatives_2]
+
+
 def featurize(model, columns: list[list[str]]) -> list[dict[str, torch.Tensor]]:
     """One tokenised feature dict per column, as the trainer's collator builds them."""
     return [model.preprocess(texts) for texts in columns]

@@ -28,7 +28,16 @@ from kalm_st.losses import (
     kalm_matryoshka,
 )
 from kalm_st.losses import functional as KF
-from tests.losses._helpers import ANCHORS, NEGATIVES_1, NEGATIVES_2, POSITIVES, featurize, params_grads, trecqa_rows
+from tests.losses._helpers import (
+    ANCHORS,
+    NEGATIVES_1,
+    NEGATIVES_2,
+    POSITIVES,
+    duplicate_columns,
+    featurize,
+    params_grads,
+    trecqa_rows,
+)
 
 TAU = 0.05
 
@@ -167,18 +176,10 @@ def test_masked_loss_with_mixing_equals_hand_built_masked_softmax(tiny_model) ->
     assert int(loss.last_false_negative_count) == masked
 
 
-def _duplicate_columns() -> list[list[str]]:
-    """(anchor, positive, negative_1, negative_2) with duplicates of positives among the negatives: row 1's
-    negative_1 is row 0's positive, row 3's negative_2 is its own positive, row 5's negative_1 is row 4's."""
-    negatives_1, negatives_2 = list(NEGATIVES_1), list(NEGATIVES_2)
-    negatives_1[1], negatives_2[3], negatives_1[5] = POSITIVES[0], POSITIVES[3], POSITIVES[4]
-    return [ANCHORS, POSITIVES, negatives_1, negatives_2]
-
-
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_forward_masks_duplicate_texts_of_the_positive(tiny_model, in_batch: bool) -> None:
     """Through forward: the fingerprints come from the tokenised columns; the oracle compares the strings."""
-    columns = _duplicate_columns()
+    columns = duplicate_columns()
     features = featurize(tiny_model, columns)
     margin = 0.002  # the tiny random model's cosines are all close: a small margin makes rule (b) fire sometimes
     loss = FocalInfoNCE(
@@ -211,7 +212,7 @@ def _loss_and_grads(loss, model, features, labels=None):
 
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_cached_masked_loss_equals_uncached(tiny_model, in_batch: bool) -> None:
-    features = featurize(tiny_model, _duplicate_columns())
+    features = featurize(tiny_model, duplicate_columns())
     kwargs = dict(temperature=TAU, in_batch_negatives=in_batch, false_negative_mask=True, false_negative_margin=0.002)
     plain = FocalInfoNCE(tiny_model, hard_negative_mixing=HardNegativeMixing(seed=2), **kwargs)
     cached = CachedFocalInfoNCE(
@@ -226,7 +227,7 @@ def test_cached_masked_loss_equals_uncached(tiny_model, in_batch: bool) -> None:
 
 
 def test_cached_matryoshka_masked_equals_uncached_matryoshka(tiny_model) -> None:
-    features = featurize(tiny_model, _duplicate_columns())
+    features = featurize(tiny_model, duplicate_columns())
     kwargs = dict(temperature=TAU, false_negative_mask=True)
     plain = kalm_matryoshka(tiny_model, FocalInfoNCE(tiny_model, **kwargs), dims=(64, 32))
     cached = kalm_matryoshka(tiny_model, CachedFocalInfoNCE(tiny_model, mini_batch_size=4, **kwargs), dims=(64, 32))
@@ -237,7 +238,7 @@ def test_cached_matryoshka_masked_equals_uncached_matryoshka(tiny_model) -> None
 
 
 def test_distillation_masks_only_the_contrastive_term(tiny_model) -> None:
-    columns = _duplicate_columns()
+    columns = duplicate_columns()
     features = featurize(tiny_model, columns)
     labels = torch.tensor([[0.9, 0.4, 0.2]] * len(columns[0]))
     base = FocalInfoNCE(tiny_model, temperature=TAU, false_negative_mask=True, false_negative_margin=0.002)
@@ -295,7 +296,7 @@ def test_without_text_keys_only_the_margin_rule_applies_and_it_warns_once(tiny_m
 
 
 def test_bad_text_inputs_raise_naming_the_column(tiny_model) -> None:
-    features = featurize(tiny_model, _duplicate_columns())
+    features = featurize(tiny_model, duplicate_columns())
     del features[2]["input_ids"]
     loss = FocalInfoNCE(tiny_model, false_negative_mask=True)
     with pytest.raises(ValueError, match=r"column 2 \(negative_1\)"):
