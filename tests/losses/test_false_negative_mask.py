@@ -33,6 +33,7 @@ from tests.losses._helpers import (
     NEGATIVES_1,
     NEGATIVES_2,
     POSITIVES,
+    assert_same_loss_and_grads,
     duplicate_columns,
     featurize,
     params_grads,
@@ -218,11 +219,9 @@ def test_cached_masked_loss_equals_uncached(tiny_model, in_batch: bool) -> None:
     cached = CachedFocalInfoNCE(
         tiny_model, mini_batch_size=4, hard_negative_mixing=HardNegativeMixing(seed=2), **kwargs
     )
-    (loss_p, grads_p), (loss_c, grads_c) = (_loss_and_grads(x, tiny_model, features) for x in (plain, cached))
-    # float32 loss of magnitude ~1-10, summed in another order by the chunks: rtol 1e-5 (~100 float32 ulps)
-    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
-    for name in grads_p:
-        torch.testing.assert_close(grads_c[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_loss_and_grads(
+        _loss_and_grads(cached, tiny_model, features), _loss_and_grads(plain, tiny_model, features)
+    )
     assert int(cached.loss.last_false_negative_count) == int(plain.last_false_negative_count) > 0
 
 
@@ -231,8 +230,9 @@ def test_cached_matryoshka_masked_equals_uncached_matryoshka(tiny_model) -> None
     kwargs = dict(temperature=TAU, false_negative_mask=True)
     plain = kalm_matryoshka(tiny_model, FocalInfoNCE(tiny_model, **kwargs), dims=(64, 32))
     cached = kalm_matryoshka(tiny_model, CachedFocalInfoNCE(tiny_model, mini_batch_size=4, **kwargs), dims=(64, 32))
-    (loss_p, _), (loss_c, _) = (_loss_and_grads(x, tiny_model, features) for x in (plain, cached))
-    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
+    assert_same_loss_and_grads(
+        _loss_and_grads(cached, tiny_model, features), _loss_and_grads(plain, tiny_model, features)
+    )
     # the last call is the 32-d one; duplicates (3 in-batch) are masked at every dimension
     assert int(cached.loss.loss.last_false_negative_count) == int(plain.loss.last_false_negative_count) >= 3
 
