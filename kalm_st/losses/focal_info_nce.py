@@ -110,7 +110,8 @@ class FocalInfoNCE(nn.Module):
         Relations:
             - ``gamma=0`` without mixing and mask is
               :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss` with
-              ``scale = 1 / temperature`` (tested to 1e-6, gradients included). MNRL has no false-negative mask;
+              ``scale = 1 / temperature`` (the same float32 operations; tested, gradients included). MNRL has no
+              false-negative mask;
               :class:`~sentence_transformers.sentence_transformer.losses.GISTEmbedLoss` masks by a guide model's
               scores instead (``margin_strategy``), not by text identity.
             - Logits, mixing and the softmax run in at least float32 whatever the embeddings' dtype.
