@@ -252,7 +252,8 @@ def test_distillation_masks_only_the_contrastive_term(tiny_model) -> None:
         tiny_model, similarity_fct=pairwise_cos_sim, student_temperature=0.05, teacher_temperature=0.05
     )
     kd = st_kd.compute_loss_from_embeddings(emb, labels) / 0.05**2  # unmasked KD, sentence-transformers' own
-    torch.testing.assert_close(got.detach().double(), torch.tensor(focal + 0.5 * kd.item(), dtype=torch.float64))
+    expected = torch.tensor(focal + 0.5 * kd.item(), dtype=torch.float64)
+    torch.testing.assert_close(got.detach().double(), expected, rtol=1e-5, atol=1e-6)  # a float32 loss of ~1.5
 
 
 def test_mask_is_off_by_default_and_configurable(tiny_model) -> None:
