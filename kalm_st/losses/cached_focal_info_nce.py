@@ -25,6 +25,8 @@ class CachedFocalInfoNCE(CachedLossMixin, nn.Module):
         "hard_negative_mixing",
         "gather_across_devices",
         "similarity_fct",
+        "false_negative_mask",
+        "false_negative_margin",
     )
 
     def __init__(
@@ -39,6 +41,8 @@ class CachedFocalInfoNCE(CachedLossMixin, nn.Module):
         similarity_fct: SimilarityFct = util.cos_sim,
         mini_batch_num_tokens: int | None = None,
         show_progress_bar: bool = False,
+        false_negative_mask: bool = False,
+        false_negative_margin: float = 0.1,
     ) -> None:
         """:class:`FocalInfoNCE` with gradient caching (GradCache): same loss and gradients, memory bounded by
         ``mini_batch_size`` rather than the batch size.
@@ -53,8 +57,10 @@ class CachedFocalInfoNCE(CachedLossMixin, nn.Module):
         Args:
             model: The SentenceTransformer to train.
             mini_batch_size: Rows per embedding mini-batch and per loss chunk (memory knob, not a hyperparameter).
-            temperature, gamma, in_batch_negatives, hard_negative_mixing, gather_across_devices, similarity_fct:
-                As :class:`FocalInfoNCE`, which validates and owns them.
+            temperature, gamma, in_batch_negatives, hard_negative_mixing, gather_across_devices, similarity_fct,
+            false_negative_mask, false_negative_margin: As :class:`FocalInfoNCE`, which validates and owns them (the
+                mask is applied per loss chunk with the whole batch's candidates and text fingerprints, so it is the
+                same mask; its count is kept on the wrapped loss, ``loss.last_false_negative_count``).
             mini_batch_num_tokens: Pack embedding mini-batches by token count instead (sentence-transformers).
             show_progress_bar: Show the mini-batch progress.
 
@@ -92,7 +98,10 @@ class CachedFocalInfoNCE(CachedLossMixin, nn.Module):
             hard_negative_mixing=hard_negative_mixing,
             gather_across_devices=gather_across_devices,
             similarity_fct=similarity_fct,
+            false_negative_mask=false_negative_mask,
+            false_negative_margin=false_negative_margin,
         )
+        self._text_keys: list[Tensor] | None = None  # the current forward's fingerprints, read by calculate_loss
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar
@@ -117,7 +126,7 @@ class CachedFocalInfoNCE(CachedLossMixin, nn.Module):
     ) -> Tensor:
         """The focal InfoNCE of the whole batch from its mini-batch embeddings, chunked over ``mini_batch_size`` rows
         (each chunk back-propagated at once when ``with_backward``)."""
-        batch = self.loss.prepare([torch.cat(column) for column in reps])
+        batch = self.loss.prepare([torch.cat(column) for column in reps], self._text_keys)
         batch_size = batch.batch_size
         total: Tensor | None = None
         for begin in range(0, batch_size, self.mini_batch_size):
@@ -128,6 +137,7 @@ class CachedFocalInfoNCE(CachedLossMixin, nn.Module):
                 chunk = chunk.detach()
             total = chunk if total is None else total + chunk
         assert total is not None  # batch_size >= 1
+        self.loss.record_false_negatives(batch)
         return total
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
@@ -137,7 +147,13 @@ class CachedFocalInfoNCE(CachedLossMixin, nn.Module):
                 f"{type(self).__name__} expects the columns (anchor, positive, negative_1, ..., negative_n), "
                 f"got {len(sentence_features)} column(s)."
             )
-        return self.forward_cached(sentence_features, labels)
+        # The fingerprints come from the token ids, which calculate_loss (called by forward_cached, once per
+        # Matryoshka dim) never sees.
+        self._text_keys = self.loss.text_keys(sentence_features) if self.loss.false_negative_mask else None
+        try:
+            return self.forward_cached(sentence_features, labels)
+        finally:
+            self._text_keys = None
 
     def get_config_dict(self) -> dict[str, Any]:
         return {

@@ -53,6 +53,10 @@ class ContrastiveDistillation(nn.Module):
             | (anchor, positive, negative_1, ..., negative_n) | teacher scores ``[s(q, p), s(q, n_1), ...]``, 1 + n |
             +-------------------------------------------------+-----------------------------------------------------+
 
+        False negatives:
+            ``base_loss``'s ``false_negative_mask`` (if on) masks the contrastive term only; the KD term keeps every
+            candidate, since the teacher's score of a duplicate or a near-positive is the soft signal to learn.
+
         Relations:
             - The KD term equals sentence-transformers' ``DistillKLDivLoss(similarity_fct=pairwise_cos_sim,
               student_temperature=tau_S, teacher_temperature=tau_T)`` divided by ``tau_S ** 2`` (tested); that loss
@@ -92,14 +96,21 @@ class ContrastiveDistillation(nn.Module):
         return self.student_temperature if value is None else float(value)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        text_keys = self.base_loss.text_keys(sentence_features) if self.base_loss.false_negative_mask else None
         embeddings = embed_columns(self.model, sentence_features)
-        return self.compute_loss_from_embeddings(embeddings, labels)
+        return self.compute_loss_from_embeddings(embeddings, labels, text_keys=text_keys)
 
     def compute_loss_from_embeddings(
-        self, embeddings: list[Tensor], labels: Tensor | Sequence[Sequence[float]] | None
+        self,
+        embeddings: list[Tensor],
+        labels: Tensor | Sequence[Sequence[float]] | None,
+        *,
+        text_keys: list[Tensor] | None = None,
     ) -> Tensor:
+        """``L_focal + alpha * L_kd``; ``text_keys`` feed the base loss's false-negative mask (if on)."""
         kd = self.distillation_loss(embeddings, labels)  # validates the labels first
-        return self.base_loss.compute_loss_from_embeddings(embeddings) + self.alpha * kd
+        return self.base_loss.compute_loss_from_embeddings(embeddings, text_keys=text_keys) + self.alpha * kd
 
     def distillation_loss(self, embeddings: list[Tensor], labels: Tensor | Sequence[Sequence[float]] | None) -> Tensor:
         """``L_kd`` alone: mean over rows of KL(teacher || student)."""
@@ -118,8 +129,10 @@ class ContrastiveDistillation(nn.Module):
             if self.base_loss.gather_across_devices and util.get_world_size() > 1:
                 docs = [util.all_gather_with_grad(d) for d in docs]
                 teacher_docs = [util.all_gather_with_grad(d) for d in teacher_docs]
-            teacher = similarity_fct(teacher_embeddings[:, 0], torch.cat(teacher_docs))
-            student = similarity_fct(queries, torch.cat(docs))
+            teacher = functional.similarity_logits(
+                teacher_embeddings[:, 0], torch.cat(teacher_docs), 1.0, similarity_fct
+            )
+            student = functional.similarity_logits(queries, torch.cat(docs), 1.0, similarity_fct)
         return functional.kl_distill(student, teacher, self.student_temperature, self.teacher_temperature)
 
     def _check_teacher_embeddings(self, labels: Any, batch_size: int, num_columns: int) -> Tensor:

@@ -6,13 +6,21 @@ Every loss class (plain and cached) calls these, so each formula of METHOD.md §
 - :func:`focal_info_nce`: ``mean_i -(1 - p_i)^gamma * log p_i`` with ``log(1 - p_i)`` taken from the log-sum-exp
   of the non-positive logits, so the value and gradient stay finite when ``p_i -> 1`` (fp32 and bf16);
 - :func:`sample_mixing_weights` / :func:`mix_hard_negatives`: online hard-negative mixing (MoCHi-style);
+- :func:`false_negative_mask` / :func:`text_fingerprints`: the optional false-negative mask (beyond the paper, after
+  Qwen3-Embedding);
 - :func:`kl_distill` and :func:`check_teacher_scores`: contrastive distillation from precomputed teacher scores.
+
+Precision: every similarity, blend and softmax here runs in at least float32, whatever the embeddings' dtype and
+even inside an autocast region (:func:`_full_precision`): at ``tau = 0.01`` a bf16 logit near 50 is only known to
++-0.125 (the loss then moves by ~1e-2), which is the size of the effects training is after.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
 import torch
@@ -24,11 +32,25 @@ SimilarityFct = Callable[[Tensor, Tensor], Tensor]
 Reduction = Literal["mean", "sum", "none"]
 
 
+def _full_precision(x: Tensor) -> AbstractContextManager[None]:
+    """Autocast off on ``x``'s device: inside a bf16/fp16 autocast region, ``mm``/``einsum`` of float32 inputs would
+    run in half precision again."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
+
+
 def similarity_logits(
     queries: Tensor, docs: Tensor, scale: float, similarity_fct: SimilarityFct = util.cos_sim
 ) -> Tensor:
-    """``similarity_fct(queries, docs) * scale``: logits of every query against every document, shape ``(N, D)``."""
-    return similarity_fct(queries, docs) * scale
+    """``similarity_fct(queries, docs) * scale``: logits of every query against every document, shape ``(N, D)``.
+
+    The inputs are upcast to (at least) float32 before the product, and autocast is off, so the logits are float32
+    for bf16/fp16 embeddings (float64 ones stay float64).
+    """
+    with _full_precision(queries):
+        return _at_least_float32(similarity_fct(_at_least_float32(queries), _at_least_float32(docs))) * scale
 
 
 def rowwise_logits(
@@ -37,17 +59,21 @@ def rowwise_logits(
     """Logits of query ``i`` against its own candidates only: ``(N, d)`` x ``(N, C, d)`` -> ``(N, C)``.
 
     ``cos_sim`` and ``dot_score`` are computed row-wise in ``O(N C d)``; any other similarity function falls back
-    to one ``similarity_fct(q_i, candidates_i)`` call per row.
+    to one ``similarity_fct(q_i, candidates_i)`` call per row. Computed in at least float32 (inputs upcast before the
+    product, autocast off), as :func:`similarity_logits`.
     """
+    queries, candidates = _at_least_float32(queries), _at_least_float32(candidates)
     if candidates.size(1) == 0:
         return queries.new_zeros(queries.size(0), 0)
-    if similarity_fct is util.cos_sim:
-        scores = torch.einsum("nd,ncd->nc", F.normalize(queries, p=2, dim=-1), F.normalize(candidates, p=2, dim=-1))
-    elif similarity_fct is util.dot_score:
-        scores = torch.einsum("nd,ncd->nc", queries, candidates)
-    else:
-        scores = torch.stack([similarity_fct(q[None], c)[0] for q, c in zip(queries, candidates, strict=True)])
-    return scores * scale
+    with _full_precision(queries):
+        if similarity_fct is util.cos_sim:
+            normalized_queries = F.normalize(queries, p=2, dim=-1)
+            scores = torch.einsum("nd,ncd->nc", normalized_queries, F.normalize(candidates, p=2, dim=-1))
+        elif similarity_fct is util.dot_score:
+            scores = torch.einsum("nd,ncd->nc", queries, candidates)
+        else:
+            scores = torch.stack([similarity_fct(q[None], c)[0] for q, c in zip(queries, candidates, strict=True)])
+        return _at_least_float32(scores) * scale
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -72,7 +98,11 @@ def focal_info_nce(logits: Tensor, target: Tensor, gamma: float, reduction: Redu
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    logits = _at_least_float32(logits)
+    with _full_precision(logits):
+        return _focal_info_nce(_at_least_float32(logits), target, gamma, reduction)
+
+
+def _focal_info_nce(logits: Tensor, target: Tensor, gamma: float, reduction: Reduction) -> Tensor:
     target = target.long()[:, None]
     positive = logits.gather(1, target).squeeze(1)
     if gamma == 0:
@@ -159,9 +189,94 @@ def sample_mixing_weights(
 
 
 def mix_hard_negatives(negatives: Tensor, weights: Tensor) -> Tensor:
-    """Synthetic negatives ``normalize(sum_m w_{i,k,m} n_{i,m})``: ``(N, M, d)`` x ``(N, K, M)`` -> ``(N, K, d)``."""
-    mixed = torch.einsum("nkm,nmd->nkd", weights.to(device=negatives.device, dtype=negatives.dtype), negatives)
-    return F.normalize(mixed, p=2, dim=-1)
+    """Synthetic negatives ``normalize(sum_m w_{i,k,m} n_{i,m})``: ``(N, M, d)`` x ``(N, K, M)`` -> ``(N, K, d)``.
+
+    The blend and the normalisation run in at least float32 (bf16 negatives are upcast, autocast is off): in bf16
+    the weights and every entry of the blend would be rounded to 8 bits of mantissa.
+    """
+    negatives = _at_least_float32(negatives)
+    with _full_precision(negatives):
+        mixed = torch.einsum("nkm,nmd->nkd", weights.to(device=negatives.device, dtype=negatives.dtype), negatives)
+        return F.normalize(mixed, p=2, dim=-1)
+
+
+def false_negative_mask(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    margin: float,
+    scale: float,
+    positive_keys: Tensor | None = None,
+    candidate_keys: Tensor | None = None,
+) -> Tensor:
+    """Which candidates count as false negatives of their row: ``(N, C)`` bool, never True at the positive.
+
+    Beyond the paper, after Qwen3-Embedding (DATA_AND_SERVING.md §4). Candidate ``c`` of row ``i`` is masked when
+
+    (a) it is the same text as row ``i``'s positive: ``candidate_keys[.., c] == positive_keys[i]`` (fingerprints from
+        :func:`text_fingerprints`; ``-1`` marks a candidate without a text, e.g. a synthetic negative), or
+    (b) it scores above the positive by more than ``margin``: ``s(q_i, c) > s(q_i, p_i) + margin``, i.e.
+        ``logits[i, c] > logits[i, target_i] + margin * scale`` (``margin`` is on the similarity's scale, e.g.
+        cosine, as Qwen3-Embedding's 0.1; ``scale = 1 / temperature``).
+
+    The caller sets the masked logits to ``-inf``, which removes them from the softmax's denominator: the focal
+    InfoNCE is then computed over the remaining candidates.
+
+    Args:
+        logits: ``(N, C)`` scaled similarities (only compared, no gradient flows through the mask).
+        target: ``(N,)`` column of each row's positive.
+        margin: Similarity margin of rule (b), ``>= 0``.
+        scale: The factor the similarities were multiplied by.
+        positive_keys: ``(N,)`` fingerprints of the rows' positives; ``None`` skips rule (a).
+        candidate_keys: ``(C,)`` fingerprints shared by every row (in-batch candidates) or ``(N, C)`` per row.
+    """
+    if not margin >= 0:
+        raise ValueError(f"false-negative margin must be >= 0, got {margin!r}")
+    logits = logits.detach()
+    target = target.long()[:, None]
+    with torch.no_grad():
+        mask = logits > logits.gather(1, target) + margin * scale
+        if positive_keys is not None:
+            if candidate_keys is None:
+                raise ValueError("false_negative_mask got positive_keys without candidate_keys.")
+            mask |= candidate_keys.expand_as(mask) == positive_keys[:, None]
+        return mask.scatter(1, target, False)
+
+
+# Polynomial hashes modulo two primes below 2^31, so the product of two residues fits in int64 (no overflow).
+_HASH_MODULI = (2_147_483_647, 2_147_483_629)
+_HASH_BASES = (911_382_323, 972_663_749)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_powers(base: int, modulus: int, length: int) -> Tensor:
+    """``base**k mod modulus`` for ``k < length`` (int64, CPU), by doubling: ``log2(length)`` vector steps."""
+    powers = torch.ones(1, dtype=torch.long)
+    while powers.numel() < length:
+        powers = torch.cat([powers, powers * pow(base, powers.numel(), modulus) % modulus])
+    return powers[:length]
+
+
+def text_fingerprints(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """A 62-bit fingerprint per row of token ids, padding excluded: ``(B, L)`` -> ``(B,)`` int64, all ``>= 0``.
+
+    Two rows get equal fingerprints when their unpadded token sequences are equal (the same text under the same
+    tokenizer and prompt), whatever the padding side or the batch's padded length. It is the pair of polynomial
+    hashes ``sum_k (id_k + 1) * b**k mod P`` over the row's real tokens (``k`` counts real tokens only) for two primes
+    ``P < 2**31``: two different sequences of ``L`` tokens collide with probability about ``(L / 2**31) ** 2``
+    (~1e-13 at 512 tokens), so a wrongly masked candidate is not a practical concern. Vectorised, on the ids' device.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"text_fingerprints expects (batch, length) token ids, got shape {tuple(input_ids.shape)}")
+    ids = input_ids.long()
+    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rank = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # index among the row's real tokens (left or right padding)
+    fingerprint = torch.zeros(ids.size(0), dtype=torch.long, device=ids.device)
+    for base, modulus in zip(_HASH_BASES, _HASH_MODULI, strict=True):
+        powers = _hash_powers(base, modulus, max(ids.size(1), 1)).to(ids.device)
+        terms = (ids % modulus + 1) * powers[rank] % modulus  # each < 2^31; a row's sum < L * 2^31
+        fingerprint = fingerprint * 2**31 + torch.where(real, terms, 0).sum(dim=1) % modulus
+    return fingerprint
 
 
 def kl_distill(
@@ -176,11 +291,12 @@ def kl_distill(
     Both inputs are raw scores ``(N, C)`` over the same candidates; the teacher side is detached; computed in at least float32. No ``tau_S^2``
     factor (sentence-transformers' ``DistillKLDivLoss`` multiplies by it; scale ``alpha`` instead).
     """
-    log_u = torch.log_softmax(_at_least_float32(student_scores) / student_temperature, dim=-1)
-    log_t = torch.log_softmax(_at_least_float32(teacher_scores.detach()) / teacher_temperature, dim=-1)
-    t = log_t.exp()
-    kl = torch.where(t > 0, t * (log_t - log_u), torch.zeros_like(t)).sum(dim=-1)
-    return _reduce(kl, reduction)
+    with _full_precision(student_scores):
+        log_u = torch.log_softmax(_at_least_float32(student_scores) / student_temperature, dim=-1)
+        log_t = torch.log_softmax(_at_least_float32(teacher_scores.detach()) / teacher_temperature, dim=-1)
+        t = log_t.exp()
+        kl = torch.where(t > 0, t * (log_t - log_u), torch.zeros_like(t)).sum(dim=-1)
+        return _reduce(kl, reduction)
 
 
 def _candidate_name(index: int) -> str:
@@ -232,10 +348,12 @@ def check_temperature(name: str, value: float) -> None:
 __all__ = [
     "check_teacher_scores",
     "check_temperature",
+    "false_negative_mask",
     "focal_info_nce",
     "kl_distill",
     "mix_hard_negatives",
     "rowwise_logits",
     "sample_mixing_weights",
     "similarity_logits",
+    "text_fingerprints",
 ]

@@ -17,7 +17,21 @@ import torch.distributed as dist  # noqa: E402
 
 from kalm_st import build_model  # noqa: E402
 from kalm_st.losses import CachedFocalInfoNCE, FocalInfoNCE, HardNegativeMixing  # noqa: E402
-from tests.losses._helpers import ANCHORS, NEGATIVES_1, NEGATIVES_2, POSITIVES, featurize  # noqa: E402
+from tests.losses._helpers import (  # noqa: E402
+    ANCHORS,
+    NEGATIVES_1,
+    NEGATIVES_2,
+    POSITIVES,
+    duplicate_columns,
+    featurize,
+)
+
+MASKED = ("masked", "masked_cached")
+"""The losses with the false-negative mask, run on :func:`duplicate_columns` (a duplicate across the two ranks)."""
+
+
+def columns_for(name: str) -> list[list[str]]:
+    return duplicate_columns() if name in MASKED else [ANCHORS, POSITIVES, NEGATIVES_1, NEGATIVES_2]
 
 
 def make_losses(model, gather: bool) -> dict[str, torch.nn.Module]:
@@ -38,6 +52,25 @@ def make_losses(model, gather: bool) -> dict[str, torch.nn.Module]:
             gather_across_devices=gather,
             hard_negative_mixing=HardNegativeMixing(seed=4),
         ),
+        # margin 0.002: the tiny random model's cosines are close together, so the margin rule fires too
+        "masked": FocalInfoNCE(
+            model,
+            temperature=0.05,
+            gamma=0.5,
+            gather_across_devices=gather,
+            false_negative_mask=True,
+            false_negative_margin=0.002,
+        ),
+        "masked_cached": CachedFocalInfoNCE(
+            model,
+            mini_batch_size=2,
+            temperature=0.05,
+            gamma=0.5,
+            gather_across_devices=gather,
+            hard_negative_mixing=HardNegativeMixing(seed=4),
+            false_negative_mask=True,
+            false_negative_margin=0.002,
+        ),
     }
 
 
@@ -48,11 +81,10 @@ def main() -> None:
     torch.set_num_threads(1)
     model = build_model(model_dir, dtype="float32", device="cpu")
     model.eval()
-    columns = [ANCHORS, POSITIVES, NEGATIVES_1, NEGATIVES_2]
     per_rank = len(ANCHORS) // world
-    local = [column[rank * per_rank : (rank + 1) * per_rank] for column in columns]
     results = {}
     for name, loss in make_losses(model, gather=True).items():
+        local = [column[rank * per_rank : (rank + 1) * per_rank] for column in columns_for(name)]
         model.zero_grad()
         value = loss(featurize(model, local), None)
         value.backward()
@@ -64,6 +96,11 @@ def main() -> None:
             dist.all_reduce(grad)
             grads[param_name] = grad / world
         results[name] = {"loss": (value / world).item(), "grads": grads}
+        inner = getattr(loss, "loss", loss)
+        if inner.last_false_negative_count is not None:  # masked candidates of this rank's rows, summed over ranks
+            count = inner.last_false_negative_count.clone()
+            dist.all_reduce(count)
+            results[name]["masked"] = int(count)
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from tests.losses._ddp_worker import make_losses
-from tests.losses._helpers import featurize
+from tests.losses._ddp_worker import columns_for, make_losses
+from tests.losses._helpers import assert_same_loss_and_grads, featurize
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_gather_equals_one_process(tiny_model, tiny_qwen_dir, columns, tmp_path) -> None:
+def test_two_process_gather_equals_one_process(tiny_model, tiny_qwen_dir, tmp_path) -> None:
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     command = [
@@ -35,10 +35,12 @@ def test_two_process_gather_equals_one_process(tiny_model, tiny_qwen_dir, column
     distributed = torch.load(out)
     for name, loss in make_losses(tiny_model, gather=False).items():
         tiny_model.zero_grad()
-        value = loss(featurize(tiny_model, columns), None)
+        value = loss(featurize(tiny_model, columns_for(name)), None)
         value.backward()
-        assert abs(value.item() - distributed[name]["loss"]) <= 1e-5, name
-        for param_name, param in tiny_model.named_parameters():
-            torch.testing.assert_close(
-                distributed[name]["grads"][param_name], param.grad, atol=1e-5, rtol=1e-4, msg=f"{name}: {param_name}"
-            )
+        grads = {n: p.grad for n, p in tiny_model.named_parameters()}
+        assert_same_loss_and_grads(
+            (distributed[name]["loss"], distributed[name]["grads"]), (value.item(), grads), name
+        )
+        if "masked" in distributed[name]:  # the same candidates are masked (3 of them duplicates, 1 across ranks)
+            inner = getattr(loss, "loss", loss)
+            assert distributed[name]["masked"] == int(inner.last_false_negative_count) >= 3, name
