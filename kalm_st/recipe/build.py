@@ -307,6 +307,10 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     mixings = mixing_objects(losses)
     if mixings:  # the Trainer checkpoints no loss state: save the mixing generators ourselves
         callbacks.append(MixingStateCallback(mixings))
+    from kalm_st.losses.false_negative_logging import FalseNegativeLoggingCallback, masked_losses
+
+    if masked_losses(losses):  # logs the count of masked in-batch candidates per step
+        callbacks.append(FalseNegativeLoggingCallback(losses))
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,

@@ -228,3 +228,22 @@ def test_torchrun_two_processes_with_cross_device_negatives(tmp_path: Path) -> N
     assert (out / "final" / "modules.json").is_file()
     resolved = load_config(out / "resolved_config.yaml")  # rank 0 saved it, and it loads back
     assert resolved.loss.kwargs["gather_across_devices"] is True and resolved.args["ddp_backend"] == "gloo"
+
+
+def test_false_negative_mask_from_the_config_logs_its_count(tmp_path: Path) -> None:
+    from kalm_st.losses.false_negative_logging import FalseNegativeLoggingCallback
+
+    overrides = [
+        f"output_dir={tmp_path / 'out'}",
+        "loss.kwargs.false_negative_mask=true",
+        "args.max_steps=2",
+        "args.logging_steps=1",
+        "args.save_strategy=no",
+    ]
+    run = build_stage(load_config(CONFIG_DIR / "tiny_smoke.yaml", overrides))
+    assert any(isinstance(c, FalseNegativeLoggingCallback) for c in run.trainer.callback_handler.callbacks)
+    run.trainer.train()
+    logged = [
+        entry["false_negatives_masked"] for entry in run.trainer.state.log_history if "false_negatives_masked" in entry
+    ]
+    assert len(logged) == 2 and all(count >= 0 for count in logged)
