@@ -99,8 +99,9 @@ class KaLMSentenceTransformer(SentenceTransformer):
     - Loading a folder with this class gives kalm-st's classes back: a stock ``Transformer`` over a supported
       decoder with ``is_causal: false`` becomes :class:`~kalm_st.modules.BidirectionalDecoder`, a mean ``Pooling``
       becomes :class:`~kalm_st.modules.MeanPooling`.
-    - ``encode`` rejects non-string items with a ``TypeError`` naming the index (the stock class fails deep inside
-      the tokenizer).
+    - ``encode`` rejects ``None``, ``bytes`` and non-string items with a ``TypeError`` naming the index (the stock
+      class fails deep inside the tokenizer). An empty text embeds as the zero vector (cosine 0 to every text),
+      alone or in a batch.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -137,8 +138,11 @@ class KaLMSentenceTransformer(SentenceTransformer):
 
 
 def _check_text_inputs(inputs: Any) -> None:
-    if isinstance(inputs, str) or inputs is None:
+    if isinstance(inputs, str):
         return
+    if inputs is None or isinstance(inputs, (bytes, bytearray)):
+        hint = ": decode it first, e.g. data.decode('utf-8')" if inputs is not None else ""
+        raise TypeError(f"encode() expects a string or a list of strings, got {type(inputs).__name__}{hint}")
     if isinstance(inputs, (list, tuple)):
         for index, item in enumerate(inputs):
             if not isinstance(item, str):
