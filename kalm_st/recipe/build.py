@@ -68,19 +68,30 @@ LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
 _KALM_LOSSES = ("focal_infonce", "cached_focal_infonce")
 
 
-def build_loss(model: Any, loss: LossConfig, *, classification: bool = False, source: str = "<config>") -> nn.Module:
-    """One loss module. ``classification=True`` turns in-batch negatives off (same-class texts are false negatives)."""
+def build_loss(
+    model: Any, loss: LossConfig, *, classification: bool = False, source: str = "<config>", key: str = "loss"
+) -> nn.Module:
+    """One loss module. ``classification=True`` turns in-batch negatives off (same-class texts are false negatives).
+
+    The loss classes validate their own hyperparameters; their errors are re-raised as :class:`ConfigError` naming
+    the config file and the key (``key`` is the section: ``loss`` or ``loss.base``).
+    """
     if loss.name not in LOSSES:
-        raise ConfigError(f"{source}: loss.name {loss.name!r} is unknown (known: {', '.join(sorted(LOSSES))}).")
+        raise ConfigError(f"{source}: {key}.name {loss.name!r} is unknown (known: {', '.join(sorted(LOSSES))}).")
     cls = LOSSES[loss.name]()
     kwargs = dict(loss.kwargs)
     if "hard_negative_mixing" in kwargs and isinstance(kwargs["hard_negative_mixing"], dict):
         from kalm_st.losses import HardNegativeMixing
 
-        kwargs["hard_negative_mixing"] = HardNegativeMixing(**kwargs["hard_negative_mixing"])
+        try:
+            kwargs["hard_negative_mixing"] = HardNegativeMixing(**kwargs["hard_negative_mixing"])
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{source}: {key}.kwargs.hard_negative_mixing: {error}") from error
     if loss.name == "contrastive_distillation":
         assert loss.base is not None  # checked by the config
-        kwargs["base_loss"] = build_loss(model, loss.base, classification=classification, source=source)
+        kwargs["base_loss"] = build_loss(
+            model, loss.base, classification=classification, source=source, key=f"{key}.base"
+        )
     elif classification:
         if loss.name not in _KALM_LOSSES:
             raise ConfigError(
@@ -91,7 +102,9 @@ def build_loss(model: Any, loss: LossConfig, *, classification: bool = False, so
     try:
         return cls(model, **kwargs)
     except TypeError as error:
-        raise ConfigError(f"{source}: loss.kwargs do not fit {cls.__name__}: {error}") from error
+        raise ConfigError(f"{source}: {key}.kwargs do not fit {cls.__name__}: {error}") from error
+    except ValueError as error:
+        raise ConfigError(f"{source}: {key}.kwargs: {error}") from error
 
 
 def matryoshka_schedule(
@@ -140,7 +153,26 @@ def build_losses(model: Any, config: StageConfig) -> dict[str, nn.Module]:
 
 
 def build_stage_model(config: StageConfig) -> Any:
-    """The stage's starting model: a previous stage's output / an ST folder, a decoder backbone, or a built-in."""
+    """The stage's starting model: a previous stage's output / an ST folder, a decoder backbone, or a built-in.
+
+    Errors name the config file and the ``model`` key (a missing ``init_from``, an unsupported architecture, a bad
+    attention back-end).
+    """
+    assert config.model is not None
+    try:
+        return _build_stage_model(config)
+    except ConfigError:
+        raise
+    except FileNotFoundError as error:
+        hint = ""
+        if Path(config.model.init_from).name == "final":
+            hint = " (a previous stage's output: run that stage first)"
+        raise FileNotFoundError(f"{config.source}: model.init_from: {str(error).rstrip('.')}{hint}.") from error
+    except ValueError as error:
+        raise ConfigError(f"{config.source}: model: {error}") from error
+
+
+def _build_stage_model(config: StageConfig) -> Any:
     from kalm_st.model import build_model, load_model
     from kalm_st.recipe.backbones import BUILTIN_PREFIX, write_builtin_backbone
 
@@ -183,24 +215,33 @@ def load_task_datasets(config: StageConfig, tasks: dict[str, TaskConfig]) -> Any
     :func:`kalm_st.data.load_training_data` (file, row and column in every error)."""
     from datasets import DatasetDict
 
-    from kalm_st.data.formats import load_training_data
+    from kalm_st.data.formats import load_training_data, negative_columns_of
 
     assert config.data is not None
     per_device = int(config.args.get("per_device_train_batch_size", 8))
     result = DatasetDict()
     for name, task in tasks.items():
-        loaded = load_training_data(
-            task.path,
-            default_task=name,
-            require_negatives=config.stage in ("finetune", "distill"),
-            num_negatives=config.data.num_negatives,
-        )
+        try:
+            loaded = load_training_data(
+                task.path,
+                default_task=name,
+                require_negatives=config.stage in ("finetune", "distill"),
+                num_negatives=config.data.num_negatives,
+            )
+        except (FileNotFoundError, IsADirectoryError) as error:
+            raise type(error)(f"{config.source}: data.tasks.{name}.path: {error}") from error
         if list(loaded) != [name]:
             raise ConfigError(
                 f"{config.source}: data.tasks.{name}.path {task.path!r} holds tasks {list(loaded)}; "
                 f"expected only {name!r} (drop its 'task' column or list each task separately)."
             )
         dataset = loaded[name]
+        wanted, present = config.data.num_negatives, len(negative_columns_of(dataset))
+        if wanted and present < wanted:
+            raise ConfigError(
+                f"{config.source}: data.num_negatives is {wanted}, but data.tasks.{name} ({task.path}) has {present} "
+                "negatives per row; lower data.num_negatives or mine more negatives."
+            )
         if task.max_rows is not None:
             dataset = dataset.select(range(min(task.max_rows, len(dataset))))
         if config.data.num_negatives == 0:
