@@ -5,10 +5,13 @@ save. The ``kalm-st train`` command is a thin wrapper around :func:`run_stage`.
 
 from __future__ import annotations
 
+import errno
 import functools
-import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
 from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, StageConfig, TaskConfig
 
 logger = logging.getLogger(__name__)
@@ -333,6 +337,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     mixings = mixing_objects(losses)
     if mixings:  # the Trainer checkpoints no loss state: save the mixing generators ourselves
         callbacks.append(MixingStateCallback(mixings))
+    callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
@@ -347,34 +352,6 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints and running
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest ``checkpoint-N`` whose save finished.
-
-    The Trainer writes ``trainer_state.json`` last (after the model, optimizer, scheduler and RNG states); a folder
-    without a readable one is an interrupted save and is skipped. The model inside is written atomically by
-    :class:`~kalm_st.KaLMSentenceTransformer`, so ``modules.json`` is checked too.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    candidates = []
-    for path in folder.glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        if path.is_dir() and step.isdigit():
-            candidates.append((int(step), path))
-    for _, path in sorted(candidates, reverse=True):
-        state = path / "trainer_state.json"
-        try:
-            json.loads(state.read_text(encoding="utf8"))
-        except (OSError, ValueError):
-            logger.warning("Skipping incomplete checkpoint %s (no readable trainer_state.json).", path)
-            continue
-        if (path / "modules.json").is_file():
-            return path
-        logger.warning("Skipping incomplete checkpoint %s (no modules.json).", path)
-    return None
 
 
 def save_resolved_config(config: StageConfig) -> Path:
@@ -409,10 +386,22 @@ def run_stage(
     if resume:
         checkpoint = last_complete_checkpoint(config.output_dir)
         if checkpoint is None:
+            skipped = "".join(
+                f"; {path.name}: {', '.join(problems)}" for path, problems in scan_checkpoints(config.output_dir)
+            )
             raise FileNotFoundError(
                 f"--resume: no complete checkpoint-N folder in {config.output_dir!r} to resume from "
-                "(run without --resume to start fresh)."
+                f"(run without --resume to start fresh){skipped}."
             )
+        check_resume(config, checkpoint, _world_size())
+    elif not dry_run and any(Path(config.output_dir).glob("checkpoint-*")):
+        logger.warning(
+            "%s already holds checkpoints of an earlier run; this run starts fresh and overwrites them as it saves "
+            "(pass --resume to continue the earlier run instead).",
+            config.output_dir,
+        )
+    if not dry_run:
+        _check_writable(config)
     run = build_stage(config, callbacks=callbacks)
     if dry_run:
         logger.info(
@@ -433,13 +422,68 @@ def run_stage(
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
         load_mixing_state(mixing_objects(run.losses), checkpoint)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     final = config.final_model_dir
-    if trainer.is_world_process_zero():
-        run.model.save(str(final))  # KaLMSentenceTransformer.save is atomic and portable
-        logger.info("Final model written to %s", final)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if trainer.is_world_process_zero():
+            run.model.save(str(final))  # KaLMSentenceTransformer.save is atomic and portable
+            logger.info("Final model written to %s", final)
+    except Exception as error:
+        if _is_write_failure(error):
+            raise _write_failure(config, error) from error
+        raise
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _check_writable(config: StageConfig) -> None:
+    """Fail before loading anything when ``output_dir`` cannot take files, not at the first checkpoint; on the main
+    process, remove the temporary folders of saves that a killed run left behind (atomic saves write beside)."""
+    folder = Path(config.output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        wrapped = type(error)(
+            f"{config.source}: output_dir {str(folder)!r} is not writable ({error.strerror or error})"
+        )
+        wrapped.errno = error.errno
+        raise wrapped from error
+    if int(os.environ.get("RANK", "0")) == 0:
+        for stale in folder.glob(".*.tmp-*"):
+            if stale.is_dir():
+                logger.warning("Removing %s, left by an interrupted save.", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+# errno of a full disk, a file size limit, a disk quota; the messages torch and safetensors give for them
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+_WRITE_MESSAGES = re.compile(
+    r"No space left|File too large|Disk quota|os error (27|28|122)\b|file write failed|unexpected pos \d+ vs \d+"
+)
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            return True
+        if _WRITE_MESSAGES.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _write_failure(config: StageConfig, error: BaseException) -> OSError:
+    last = last_complete_checkpoint(config.output_dir)
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return OSError(
+        f"{config.source}: writing to output_dir {config.output_dir!r} failed ({type(error).__name__}: "
+        f"{first_line}): the disk is full or a file size limit is set. The last complete checkpoint is "
+        f"{last if last is not None else 'none'} (incomplete ones are skipped); free space, then rerun with --resume.",
+    )
 
 
 __all__ = [
