@@ -49,7 +49,11 @@ def test_empty_file(tmp_path: Path, suffix: str) -> None:
     assert _problems(path) == [f"{path}: the file is empty (0 bytes)"]
 
 
-@pytest.mark.parametrize(("name", "text"), [("header.csv", "anchor,positive\n"), ("blank.jsonl", "\n\n  \n")])
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("header.csv", "anchor,positive\n"), ("blank.jsonl", "\n\n  \n")],
+    ids=["header-only-csv", "blank-lines-jsonl"],
+)
 def test_file_without_rows(tmp_path: Path, name: str, text: str) -> None:
     path = tmp_path / name
     path.write_text(text)

@@ -155,6 +155,7 @@ def test_sigkill_during_the_final_save(faulty_runs: Path, tmp_path: Path, caplog
         ("disk-weights", "SafetensorError: Error while serializing: I/O error: File too large (os error 27)"),
         ("disk-optimizer", "RuntimeError: [enforce fail at inline_container.cc"),
     ],
+    ids=["weights-file", "optimizer-file"],
 )
 def test_full_disk_during_a_checkpoint(faulty_runs: Path, tmp_path: Path, name: str, reason: str) -> None:
     out = faulty_runs / name
@@ -206,6 +207,14 @@ def test_truncated_checkpoint_is_skipped_and_the_previous_one_used(
         ("trainer_state.json", "truncate", "no readable trainer_state.json (an interrupted save)"),
         ("config.json", "truncate", "config.json: JSONDecodeError: "),
         ("hard_negative_mixing.pt", "truncate", "hard_negative_mixing.pt: BadZipFile: File is not a zip file"),
+    ],
+    ids=[
+        "optimizer-truncated",
+        "optimizer-overwritten",
+        "scheduler-empty",
+        "trainer_state-truncated",
+        "config-truncated",
+        "mixing-state-truncated",
     ],
 )
 def test_damaged_checkpoint_file_is_named(interrupted: Path, caplog, file: str, damage: str, reason: str) -> None:
