@@ -45,6 +45,15 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny runs train fastest on one thread (more only contend, on a shared CI machine too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 6-step run: ``checkpoint-2/4/6`` and ``final``."""
