@@ -19,7 +19,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from kalm_st.instructions import build_prompts
-from kalm_st.io import atomic_directory, write_json_atomic
+from kalm_st.io import atomic_directory, damaged_files, write_json_atomic
 from kalm_st.modules.bidirectional_decoder import (
     MIN_TRANSFORMERS_VERSION,
     BidirectionalDecoder,
@@ -100,8 +100,9 @@ class KaLMSentenceTransformer(SentenceTransformer):
     - Loading a folder with this class gives kalm-st's classes back: a stock ``Transformer`` over a supported
       decoder with ``is_causal: false`` becomes :class:`~kalm_st.modules.BidirectionalDecoder`, a mean ``Pooling``
       becomes :class:`~kalm_st.modules.MeanPooling`.
-    - ``encode`` rejects non-string items with a ``TypeError`` naming the index (the stock class fails deep inside
-      the tokenizer).
+    - ``encode`` rejects ``None``, ``bytes`` and non-string items with a ``TypeError`` naming the index (the stock
+      class fails deep inside the tokenizer). An empty text embeds as the zero vector (cosine 0 to every text),
+      alone or in a batch.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -138,8 +139,11 @@ class KaLMSentenceTransformer(SentenceTransformer):
 
 
 def _check_text_inputs(inputs: Any) -> None:
-    if isinstance(inputs, str) or inputs is None:
+    if isinstance(inputs, str):
         return
+    if inputs is None or isinstance(inputs, (bytes, bytearray)):
+        hint = ": decode it first, e.g. data.decode('utf-8')" if inputs is not None else ""
+        raise TypeError(f"encode() expects a string or a list of strings, got {type(inputs).__name__}{hint}")
     if isinstance(inputs, (list, tuple)):
         for index, item in enumerate(inputs):
             if not isinstance(item, str):
@@ -238,6 +242,10 @@ def build_model(
         else:
             source = os.fspath(backbone)
             _check_exists(source, "Backbone")
+            if Path(source).is_file():
+                raise NotADirectoryError(
+                    f"Backbone {source!r} is a file; give the checkpoint's folder (with config.json) or a Hub id."
+                )
             if Path(source).is_dir() and not (Path(source) / "config.json").exists():
                 raise FileNotFoundError(
                     f"Backbone folder {source!r} has no config.json: not a transformers checkpoint."
@@ -255,7 +263,22 @@ def build_model(
 
 
 def load_model(path: str | os.PathLike[str], **kwargs: Any) -> KaLMSentenceTransformer:
-    """Load a saved model with kalm-st's classes (plain ``SentenceTransformer(path)`` works too)."""
+    """Load a saved model with kalm-st's classes (plain ``SentenceTransformer(path)`` works too).
+
+    A local folder is checked first: one that is not a model, or holds a damaged file (truncated weights, unparsable
+    JSON; :func:`kalm_st.io.damaged_files`), is refused with the file named, not with a deep loader error.
+    """
     _check_exists(os.fspath(path), "Model")
+    folder = Path(path)
+    if folder.is_file():
+        raise NotADirectoryError(f"Model {os.fspath(path)!r} is a file; give the model's folder.")
+    if folder.is_dir():
+        if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Model folder {os.fspath(path)!r} has neither modules.json nor config.json: not a saved model."
+            )
+        damaged = damaged_files(folder)
+        if damaged:
+            raise ValueError(f"Model folder {os.fspath(path)!r} is damaged: {'; '.join(damaged)}.")
     kwargs.setdefault("model_card_data", SentenceTransformerModelCardData(local_files_only=True))
     return KaLMSentenceTransformer(os.fspath(path), **kwargs)

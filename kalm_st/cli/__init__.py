@@ -33,8 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kalm_st").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError, ImportError, PermissionError) as error:
-        # Bad input is reported in one line; unexpected errors keep their traceback.
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        # Bad input and the machine's faults (missing files, permissions, a full disk) are reported in one line;
+        # unexpected errors keep their traceback.
         print(f"kalm-st {args.command}: error: {error}", file=sys.stderr)  # noqa: T201
         return 2
 

@@ -28,6 +28,7 @@ problem naming the file, the 0-based row index and the column.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -78,15 +79,65 @@ def negative_columns(n: int) -> list[str]:
 
 
 def read_table(path: str | os.PathLike[str]) -> Dataset:
-    """Read one jsonl/json/csv/tsv/parquet file with ``datasets`` (clear errors for a missing file or format)."""
+    """Read one jsonl/json/csv/tsv/parquet file with ``datasets``.
+
+    Raises ``FileNotFoundError`` / ``IsADirectoryError`` for a missing path or a folder, ``ValueError`` for an
+    unsupported suffix, and :class:`DataValidationError` naming the file for an empty or unparsable one (with the
+    reader's own reason, e.g. the row of a JSON syntax error), instead of ``datasets``' generic error.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"Training data path {path} is a directory, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"Training data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in _FORMATS:
         raise ValueError(f"{path}: unsupported format {suffix!r}; use one of {sorted(_FORMATS)}")
+    if path.stat().st_size == 0:
+        raise DataValidationError([f"{path}: the file is empty (0 bytes)"])
     builder, kwargs = _FORMATS[suffix]
-    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    try:
+        dataset = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except OSError:
+        raise  # the machine's problem (disk, permissions), not the file's content
+    except Exception as error:  # datasets wraps the reader's error in a generic one: report the reader's reason
+        if _holds_no_rows(error):
+            raise DataValidationError([f"{path}: no rows (the file holds no records)"]) from error
+        raise DataValidationError([f"{path}: cannot be read as {_FORMAT_NAMES[suffix]}: {_reasons(error)}"]) from error
+    if dataset.num_rows == 0:
+        raise DataValidationError([f"{path}: no rows (the file holds no records)"])
+    return dataset
+
+
+_FORMAT_NAMES = {".jsonl": "JSON lines", ".json": "JSON", ".csv": "CSV", ".tsv": "TSV", ".parquet": "Parquet"}
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _holds_no_rows(error: BaseException) -> bool:
+    # datasets' words for a file that parsed to nothing (blank lines, a CSV header only)
+    return any(
+        isinstance(e, StopIteration) or "corresponds to no data" in str(e) or "No columns to parse" in str(e)
+        for e in _error_chain(error)
+    )
+
+
+def _reasons(error: BaseException) -> str:
+    """The readers' messages under ``datasets``' generic DatasetGenerationError, innermost last."""
+    reasons = []
+    for e in _error_chain(error):
+        if type(e).__name__ == "DatasetGenerationError":
+            continue
+        text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if text not in reasons:
+            reasons.append(text)
+    return "; ".join(reasons[:3])
 
 
 def _is_missing(value: Any) -> bool:
@@ -124,6 +175,66 @@ def _sorted_negative_columns(columns: Iterable[str]) -> list[str]:
     return numbered
 
 
+KNOWN_COLUMNS: tuple[str, ...] = (
+    *ANCHOR_ALIASES,
+    "positive",
+    "negatives",
+    "negative",
+    "task",
+    "instruction",
+    *TEACHER_SCORE_ALIASES,
+)
+"""The input columns kalm-st reads (plus ``negative_1..n``); see the module docstring."""
+
+
+def _check_column_names(columns: Sequence[str], source: str) -> list[str]:
+    """A problem for a column that looks like a misspelled known one (its data would be dropped); a warning for
+    other unknown columns, which are ignored."""
+    problems, ignored = [], []
+    absent = [c for c in KNOWN_COLUMNS if c not in columns]
+    for column in columns:
+        if column in KNOWN_COLUMNS or _is_numbered_negative(column):
+            continue
+        close = difflib.get_close_matches(column, absent, n=1, cutoff=0.8)
+        if close:
+            problems.append(
+                f"{source}: column {column!r} is not a column kalm-st reads; did you mean {close[0]!r}? "
+                "(rename it, or drop it)"
+            )
+        else:
+            ignored.append(column)
+    if ignored:
+        logger.warning(
+            "%s: ignoring column(s) %s (kalm-st reads %s and negative_1..n)", source, ignored, KNOWN_COLUMNS
+        )
+    return problems
+
+
+def _is_numbered_negative(column: str) -> bool:
+    return column.startswith("negative_") and column[len("negative_") :].isdigit()
+
+
+def warn_duplicate_pairs(dataset: Dataset, source: str, task: str) -> int:
+    """Log a warning when (anchor, positive) pairs repeat: two copies in one batch are each other's false in-batch
+    negative. Returns the number of repeated rows (counted with Arrow, no Python loop over rows)."""
+    import pyarrow.compute as pc
+
+    table = dataset.data.table.select(["anchor", "positive"])
+    counts = table.group_by(["anchor", "positive"]).aggregate([("anchor", "count")])
+    repeated = table.num_rows - counts.num_rows
+    if repeated:
+        example = counts.filter(pc.greater(counts["anchor_count"], 1))["anchor"][0].as_py()
+        logger.warning(
+            "%s: task %r: %d row(s) repeat an earlier (anchor, positive) pair (e.g. anchor %r); duplicates in one "
+            "batch are false in-batch negatives: deduplicate the data",
+            source,
+            task,
+            repeated,
+            example[:80],
+        )
+    return repeated
+
+
 def normalize_dataset(
     dataset: Dataset,
     *,
@@ -141,7 +252,7 @@ def normalize_dataset(
     """
     task_types = dict(task_types or {})
     columns = dataset.column_names
-    problems: list[str] = []
+    problems: list[str] = _check_column_names(columns, source)
     anchor_col = next((c for c in ANCHOR_ALIASES if c in columns), None)
     if anchor_col is None:
         problems.append(f"{source}: missing column: need one of {list(ANCHOR_ALIASES)} (have {columns})")
@@ -314,6 +425,7 @@ def load_training_data(
         if row_instructions and "instruction" in dataset.column_names:
             with_row_instructions.update(normalized)
         for task, part in normalized.items():
+            warn_duplicate_pairs(part, str(path), task)
             parts.setdefault(task, []).append(part)
     result = DatasetDict()
     for task, datasets_of_task in parts.items():

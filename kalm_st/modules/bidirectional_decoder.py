@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
 from sentence_transformers.base.modules import Transformer
@@ -145,6 +146,15 @@ class BidirectionalDecoder(Transformer):
         return getattr(self.auto_model.config, "is_causal", True) is False
 
     def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        input_ids = features.get("input_ids")
+        if input_ids is not None and input_ids.ndim == 2 and input_ids.shape[1] == 0:
+            # A batch of empty texts has no tokens: transformers cannot run on it, so return no token embeddings.
+            # Mean pooling then gives the zero vector, as for an empty text in a batch with non-empty ones.
+            hidden = self.auto_model.config.hidden_size
+            features["token_embeddings"] = torch.zeros(
+                (input_ids.shape[0], 0, hidden), dtype=self.auto_model.dtype, device=input_ids.device
+            )
+            return features
         attention_mask = features.get("attention_mask")
         if (
             attention_mask is not None

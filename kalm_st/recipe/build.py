@@ -5,10 +5,13 @@ save. The ``kalm-st train`` command is a thin wrapper around :func:`run_stage`.
 
 from __future__ import annotations
 
+import errno
 import functools
-import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from kalm_st.precision import use_bf16
+from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
 from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, StageConfig, TaskConfig
 
 logger = logging.getLogger(__name__)
@@ -70,19 +74,30 @@ LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
 _KALM_LOSSES = ("focal_infonce", "cached_focal_infonce")
 
 
-def build_loss(model: Any, loss: LossConfig, *, classification: bool = False, source: str = "<config>") -> nn.Module:
-    """One loss module. ``classification=True`` turns in-batch negatives off (same-class texts are false negatives)."""
+def build_loss(
+    model: Any, loss: LossConfig, *, classification: bool = False, source: str = "<config>", key: str = "loss"
+) -> nn.Module:
+    """One loss module. ``classification=True`` turns in-batch negatives off (same-class texts are false negatives).
+
+    The loss classes validate their own hyperparameters; their errors are re-raised as :class:`ConfigError` naming
+    the config file and the key (``key`` is the section: ``loss`` or ``loss.base``).
+    """
     if loss.name not in LOSSES:
-        raise ConfigError(f"{source}: loss.name {loss.name!r} is unknown (known: {', '.join(sorted(LOSSES))}).")
+        raise ConfigError(f"{source}: {key}.name {loss.name!r} is unknown (known: {', '.join(sorted(LOSSES))}).")
     cls = LOSSES[loss.name]()
     kwargs = dict(loss.kwargs)
     if "hard_negative_mixing" in kwargs and isinstance(kwargs["hard_negative_mixing"], dict):
         from kalm_st.losses import HardNegativeMixing
 
-        kwargs["hard_negative_mixing"] = HardNegativeMixing(**kwargs["hard_negative_mixing"])
+        try:
+            kwargs["hard_negative_mixing"] = HardNegativeMixing(**kwargs["hard_negative_mixing"])
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{source}: {key}.kwargs.hard_negative_mixing: {error}") from error
     if loss.name == "contrastive_distillation":
         assert loss.base is not None  # checked by the config
-        kwargs["base_loss"] = build_loss(model, loss.base, classification=classification, source=source)
+        kwargs["base_loss"] = build_loss(
+            model, loss.base, classification=classification, source=source, key=f"{key}.base"
+        )
     elif classification:
         if loss.name not in _KALM_LOSSES:
             raise ConfigError(
@@ -93,7 +108,9 @@ def build_loss(model: Any, loss: LossConfig, *, classification: bool = False, so
     try:
         return cls(model, **kwargs)
     except TypeError as error:
-        raise ConfigError(f"{source}: loss.kwargs do not fit {cls.__name__}: {error}") from error
+        raise ConfigError(f"{source}: {key}.kwargs do not fit {cls.__name__}: {error}") from error
+    except ValueError as error:
+        raise ConfigError(f"{source}: {key}.kwargs: {error}") from error
 
 
 def matryoshka_schedule(
@@ -142,7 +159,26 @@ def build_losses(model: Any, config: StageConfig) -> dict[str, nn.Module]:
 
 
 def build_stage_model(config: StageConfig) -> Any:
-    """The stage's starting model: a previous stage's output / an ST folder, a decoder backbone, or a built-in."""
+    """The stage's starting model: a previous stage's output / an ST folder, a decoder backbone, or a built-in.
+
+    Errors name the config file and the ``model`` key (a missing ``init_from``, an unsupported architecture, a bad
+    attention back-end).
+    """
+    assert config.model is not None
+    try:
+        return _build_stage_model(config)
+    except ConfigError:
+        raise
+    except FileNotFoundError as error:
+        hint = ""
+        if Path(config.model.init_from).name == "final":
+            hint = " (a previous stage's output: run that stage first)"
+        raise FileNotFoundError(f"{config.source}: model.init_from: {str(error).rstrip('.')}{hint}.") from error
+    except ValueError as error:
+        raise ConfigError(f"{config.source}: model: {error}") from error
+
+
+def _build_stage_model(config: StageConfig) -> Any:
     from kalm_st.model import build_model, load_model
     from kalm_st.recipe.backbones import BUILTIN_PREFIX, write_builtin_backbone
 
@@ -185,25 +221,34 @@ def load_task_datasets(config: StageConfig, tasks: dict[str, TaskConfig]) -> Any
     :func:`kalm_st.data.load_training_data` (file, row and column in every error)."""
     from datasets import DatasetDict
 
-    from kalm_st.data.formats import load_training_data
+    from kalm_st.data.formats import load_training_data, negative_columns_of
 
     assert config.data is not None
     per_device = int(config.args.get("per_device_train_batch_size", 8))
     result = DatasetDict()
     for name, task in tasks.items():
-        loaded = load_training_data(
-            task.path,
-            default_task=name,
-            require_negatives=config.stage in ("finetune", "distill"),
-            num_negatives=config.data.num_negatives,
-            task_types={name: task.type},  # which columns get the instruction of rows with their own
-        )
+        try:
+            loaded = load_training_data(
+                task.path,
+                default_task=name,
+                require_negatives=config.stage in ("finetune", "distill"),
+                num_negatives=config.data.num_negatives,
+                task_types={name: task.type},  # which columns get the instruction of rows with their own
+            )
+        except (FileNotFoundError, IsADirectoryError) as error:
+            raise type(error)(f"{config.source}: data.tasks.{name}.path: {error}") from error
         if name not in loaded:  # a file of several tasks (a curation output) gives the task of the same name
             raise ConfigError(
                 f"{config.source}: data.tasks.{name}.path {task.path!r} holds tasks {list(loaded)}, not {name!r} "
                 "(rename the task after the file's 'task' values, or drop that column)."
             )
         dataset = loaded[name]
+        wanted, present = config.data.num_negatives, len(negative_columns_of(dataset))
+        if wanted and present < wanted:
+            raise ConfigError(
+                f"{config.source}: data.num_negatives is {wanted}, but data.tasks.{name} ({task.path}) has {present} "
+                "negatives per row; lower data.num_negatives or mine more negatives."
+            )
         if task.max_rows is not None:
             dataset = dataset.select(range(min(task.max_rows, len(dataset))))
         if config.data.num_negatives == 0:
@@ -311,6 +356,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
 
     if masked_losses(losses):  # logs the count of masked in-batch candidates per step
         callbacks.append(FalseNegativeLoggingCallback(losses))
+    callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
@@ -325,34 +371,6 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints and running
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest ``checkpoint-N`` whose save finished.
-
-    The Trainer writes ``trainer_state.json`` last (after the model, optimizer, scheduler and RNG states); a folder
-    without a readable one is an interrupted save and is skipped. The model inside is written atomically by
-    :class:`~kalm_st.KaLMSentenceTransformer`, so ``modules.json`` is checked too.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    candidates = []
-    for path in folder.glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        if path.is_dir() and step.isdigit():
-            candidates.append((int(step), path))
-    for _, path in sorted(candidates, reverse=True):
-        state = path / "trainer_state.json"
-        try:
-            json.loads(state.read_text(encoding="utf8"))
-        except (OSError, ValueError):
-            logger.warning("Skipping incomplete checkpoint %s (no readable trainer_state.json).", path)
-            continue
-        if (path / "modules.json").is_file():
-            return path
-        logger.warning("Skipping incomplete checkpoint %s (no modules.json).", path)
-    return None
 
 
 def save_resolved_config(config: StageConfig) -> Path:
@@ -387,10 +405,22 @@ def run_stage(
     if resume:
         checkpoint = last_complete_checkpoint(config.output_dir)
         if checkpoint is None:
+            skipped = "".join(
+                f"; {path.name}: {', '.join(problems)}" for path, problems in scan_checkpoints(config.output_dir)
+            )
             raise FileNotFoundError(
                 f"--resume: no complete checkpoint-N folder in {config.output_dir!r} to resume from "
-                "(run without --resume to start fresh)."
+                f"(run without --resume to start fresh){skipped}."
             )
+        check_resume(config, checkpoint, _world_size())
+    elif not dry_run and any(Path(config.output_dir).glob("checkpoint-*")):
+        logger.warning(
+            "%s already holds checkpoints of an earlier run; this run starts fresh and overwrites them as it saves "
+            "(pass --resume to continue the earlier run instead).",
+            config.output_dir,
+        )
+    if not dry_run:
+        _check_writable(config)
     run = build_stage(config, callbacks=callbacks)
     if dry_run:
         logger.info(
@@ -411,13 +441,68 @@ def run_stage(
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
         load_mixing_state(mixing_objects(run.losses), checkpoint)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     final = config.final_model_dir
-    if trainer.is_world_process_zero():
-        run.model.save(str(final))  # KaLMSentenceTransformer.save is atomic and portable
-        logger.info("Final model written to %s", final)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if trainer.is_world_process_zero():
+            run.model.save(str(final))  # KaLMSentenceTransformer.save is atomic and portable
+            logger.info("Final model written to %s", final)
+    except Exception as error:
+        if _is_write_failure(error):
+            raise _write_failure(config, error) from error
+        raise
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _check_writable(config: StageConfig) -> None:
+    """Fail before loading anything when ``output_dir`` cannot take files, not at the first checkpoint; on the main
+    process, remove the temporary folders of saves that a killed run left behind (atomic saves write beside)."""
+    folder = Path(config.output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        wrapped = type(error)(
+            f"{config.source}: output_dir {str(folder)!r} is not writable ({error.strerror or error})"
+        )
+        wrapped.errno = error.errno
+        raise wrapped from error
+    if int(os.environ.get("RANK", "0")) == 0:
+        for stale in folder.glob(".*.tmp-*"):
+            if stale.is_dir():
+                logger.warning("Removing %s, left by an interrupted save.", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+# errno of a full disk, a file size limit, a disk quota; the messages torch and safetensors give for them
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+_WRITE_MESSAGES = re.compile(
+    r"No space left|File too large|Disk quota|os error (27|28|122)\b|file write failed|unexpected pos \d+ vs \d+"
+)
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            return True
+        if _WRITE_MESSAGES.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _write_failure(config: StageConfig, error: BaseException) -> OSError:
+    last = last_complete_checkpoint(config.output_dir)
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return OSError(
+        f"{config.source}: writing to output_dir {config.output_dir!r} failed ({type(error).__name__}: "
+        f"{first_line}): the disk is full or a file size limit is set. The last complete checkpoint is "
+        f"{last if last is not None else 'none'} (incomplete ones are skipped); free space, then rerun with --resume.",
+    )
 
 
 __all__ = [

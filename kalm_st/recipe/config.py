@@ -17,6 +17,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import re
 import types
@@ -100,7 +102,7 @@ class ModelConfig:
 
     init_from: str
     max_seq_length: int = 512
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
 
 
@@ -404,6 +406,8 @@ def _check_stage(config: StageConfig) -> None:
             raise ConfigError(f"{source}: data.homogeneous_ratio must be in (0, 1], got {ratio}.")
         if not config.data.tasks:
             raise ConfigError(f"{source}: data.tasks is empty.")
+        _check_sizes(config)
+        _check_loss_name(config.loss, "loss", source)
     else:
         if config.soup is None:
             raise ConfigError(f"{source}: missing required key soup (stage 'soup').")
@@ -417,6 +421,63 @@ def _check_stage(config: StageConfig) -> None:
         if config.soup.weights is not None and len(config.soup.weights) != len(config.soup.models):
             raise ConfigError(
                 f"{source}: soup.weights has {len(config.soup.weights)} entries for {len(config.soup.models)} models."
+            )
+
+
+def _check_sizes(config: StageConfig) -> None:
+    """Counts and sizes that would train silently wrong (or fail deep inside the Trainer) when zero or negative."""
+    assert config.model is not None and config.data is not None
+    source = config.source
+    if config.model.max_seq_length < 1:  # 0 would truncate every text to nothing
+        raise ConfigError(f"{source}: model.max_seq_length must be >= 1, got {config.model.max_seq_length}.")
+    if config.data.num_negatives is not None and config.data.num_negatives < 0:  # -1 would drop the last negative
+        raise ConfigError(
+            f"{source}: data.num_negatives must be >= 0 (or null for all), got {config.data.num_negatives}."
+        )
+    for section, tasks in (("tasks", config.data.tasks), ("eval_tasks", config.data.eval_tasks)):
+        for name, task in tasks.items():
+            if task.max_rows is not None and task.max_rows < 1:
+                raise ConfigError(
+                    f"{source}: data.{section}.{name}.max_rows must be >= 1 (or null), got {task.max_rows}."
+                )
+    for i, dim in enumerate(config.matryoshka.dims or ()):
+        if dim < 1:
+            raise ConfigError(f"{source}: matryoshka.dims[{i}] must be >= 1, got {dim}.")
+    for i, weight in enumerate(config.matryoshka.weights or ()):
+        if not math.isfinite(weight) or weight < 0:  # a negative weight would maximise that dimension's loss
+            raise ConfigError(f"{source}: matryoshka.weights[{i}] must be a finite number >= 0, got {weight}.")
+
+
+def _check_loss_name(loss: LossConfig, key: str, source: str) -> None:
+    from kalm_st.recipe.build import LOSSES  # build imports this module
+
+    if loss.name not in LOSSES:
+        close = difflib.get_close_matches(loss.name, list(LOSSES), n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: {key}.name {loss.name!r} is unknown{hint} (known: {', '.join(sorted(LOSSES))}).")
+    if loss.base is not None:
+        _check_loss_name(loss.base, f"{key}.base", source)
+
+
+_ARGS_AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+_ARGS_POSITIVE = ("num_train_epochs", "save_steps", "eval_steps", "logging_steps")
+_ARGS_NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "warmup_ratio")
+
+
+def _check_training_arg_values(args: Mapping[str, Any], source: str) -> None:
+    """Values the Trainer accepts but trains wrongly with (``max_steps: 0`` silently trains 3 epochs)."""
+    for key, value in args.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if key in _ARGS_AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"{source}: args.{key} must be >= 1, got {value}.")
+        if key in _ARGS_POSITIVE and value <= 0:
+            raise ConfigError(f"{source}: args.{key} must be > 0, got {value}.")
+        if key in _ARGS_NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{source}: args.{key} must be >= 0, got {value}.")
+        if key == "max_steps" and value != -1 and value < 1:
+            raise ConfigError(
+                f"{source}: args.max_steps must be >= 1, or -1 to train args.num_train_epochs, got {value}."
             )
 
 
@@ -439,6 +500,7 @@ def check_training_args(args: Mapping[str, Any], source: str) -> None:
         if not ok:
             names = " or ".join(t.__name__ for t in expected)
             raise ConfigError(f"{source}: args.{key} must be {names}, got {type(value).__name__} {value!r:.60}.")
+    _check_training_arg_values(args, source)
 
 
 def _simple_type(annotation: Any) -> tuple[type, ...] | None:

@@ -12,7 +12,8 @@ import torch
 
 from kalm_st.cli import main
 from kalm_st.recipe.build import build_stage, last_complete_checkpoint, run_stage
-from kalm_st.recipe.config import load_config
+from kalm_st.recipe.checkpoints import recorded_run
+from kalm_st.recipe.config import ConfigError, load_config
 
 from .conftest import CONFIG_DIR, REPO_ROOT, write_rows
 
@@ -206,8 +207,7 @@ def test_torchrun_two_processes_with_cross_device_negatives(tmp_path: Path) -> N
         "args.max_steps=4",
         "args.per_device_train_batch_size=4",
         "args.ddp_backend=gloo",
-        "args.ddp_find_unused_parameters=false",
-        "args.save_strategy=no",
+        "args.ddp_find_unused_parameters=false",  # saves checkpoint-4 (tiny_smoke.yaml: save_steps 4)
     ]
     cmd = [
         sys.executable,
@@ -228,6 +228,10 @@ def test_torchrun_two_processes_with_cross_device_negatives(tmp_path: Path) -> N
     assert (out / "final" / "modules.json").is_file()
     resolved = load_config(out / "resolved_config.yaml")  # rank 0 saved it, and it loads back
     assert resolved.loss.kwargs["gather_across_devices"] is True and resolved.args["ddp_backend"] == "gloo"
+    # The checkpoint records its 2 processes; resuming it with 1 is refused (tests/reliability/test_runs.py).
+    assert recorded_run(out / "checkpoint-4")["world_size"] == 2
+    with pytest.raises(ConfigError, match=r"checkpoint-4 was written by a run with 2 process\(es\), this run has 1"):
+        run_stage(load_config(CONFIG_DIR / "tiny_smoke.yaml", overrides), resume=True)
 
 
 def test_false_negative_mask_from_the_config_logs_its_count(tmp_path: Path) -> None:
