@@ -4,6 +4,8 @@
 - :class:`HardNegativeMixing`: the online hard-negative mixing option of the focal losses;
 - :class:`CachedFocalInfoNCE`: the same with GradCache;
 - :class:`ContrastiveDistillation`: ``L_focal + alpha * KL(teacher || student)`` in one forward pass;
+- :class:`EmbeddingDistillation`: a base loss plus embedding-level distillation through a trainable projection
+  (:class:`ProjectionStateCallback` / :func:`load_projection_state` checkpoint the projection);
 - :class:`FalseNegativeLoggingCallback`: logs the optional false-negative mask's count (``false_negative_mask=True``);
 - :func:`kalm_matryoshka`: sentence-transformers' ``MatryoshkaLoss`` with KaLM's dims and weights.
 
@@ -16,10 +18,12 @@ from kalm_st.losses import functional
 from kalm_st.losses._citations import FOCAL_LOSS_BIBTEX, GRADCACHE_BIBTEX, KALM_V2_BIBTEX, MOCHI_BIBTEX
 from kalm_st.losses.cached_focal_info_nce import CachedFocalInfoNCE
 from kalm_st.losses.contrastive_distillation import ContrastiveDistillation
+from kalm_st.losses.embedding_distillation import EmbeddingDistillation
 from kalm_st.losses.false_negative_logging import FalseNegativeLoggingCallback
 from kalm_st.losses.focal_info_nce import FocalInfoNCE
 from kalm_st.losses.hard_negative_mixing import HardNegativeMixing
 from kalm_st.losses.matryoshka import MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS, kalm_matryoshka, matryoshka_dims_for
+from kalm_st.losses.projection_state import ProjectionStateCallback, distillation_losses, load_projection_state
 
 __all__ = [
     "FOCAL_LOSS_BIBTEX",
@@ -30,10 +34,14 @@ __all__ = [
     "MOCHI_BIBTEX",
     "CachedFocalInfoNCE",
     "ContrastiveDistillation",
+    "EmbeddingDistillation",
     "FalseNegativeLoggingCallback",
     "FocalInfoNCE",
     "HardNegativeMixing",
+    "ProjectionStateCallback",
+    "distillation_losses",
     "functional",
     "kalm_matryoshka",
+    "load_projection_state",
     "matryoshka_dims_for",
 ]

@@ -44,7 +44,10 @@ class ContrastiveDistillation(nn.Module):
             include_in_batch: Also distill over in-batch candidates (other rows' positives and negatives). Teacher
                 scores for those cannot be stored per row, so ``label`` must then hold the teacher's *embeddings*
                 ``(batch, 2 + n, d_teacher)`` of (anchor, positive, negative_1..n); the teacher score matrix is
-                ``base_loss.similarity_fct`` of them, in the layout of the student's in-batch logits.
+                ``base_loss.similarity_fct`` of them, in the layout of the student's in-batch logits, and row i's
+                target is the softmax of its row of that ``N x (1 + n) N`` matrix (beyond the paper, whose targets are
+                query i's own candidates only; default off, the paper's). ``kalm-st teacher-embed`` writes that
+                ``label`` column from a cache of teacher embeddings.
 
         Inputs:
             +-------------------------------------------------+-----------------------------------------------------+
@@ -52,6 +55,12 @@ class ContrastiveDistillation(nn.Module):
             +=================================================+=====================================================+
             | (anchor, positive, negative_1, ..., negative_n) | teacher scores ``[s(q, p), s(q, n_1), ...]``, 1 + n |
             +-------------------------------------------------+-----------------------------------------------------+
+            | (anchor, positive, negative_1, ..., negative_n) | teacher embeddings ``(2 + n, d_teacher)`` per row   |
+            +-------------------------------------------------+-----------------------------------------------------+
+
+            With teacher embeddings and ``include_in_batch=False``, the teacher scores are
+            ``base_loss.similarity_fct(t_anchor, t_candidate)`` of each row's own candidates (the paper's targets,
+            from an embedding teacher).
 
         False negatives:
             ``base_loss``'s ``false_negative_mask`` (if on) masks the contrastive term only; the KD term keeps every
@@ -120,34 +129,31 @@ class ContrastiveDistillation(nn.Module):
         batch_size, num_candidates = queries.size(0), len(docs)
         similarity_fct = self.base_loss.similarity_fct
         if not self.include_in_batch:
-            teacher = functional.check_teacher_scores(labels, batch_size, num_candidates, owner).to(queries.device)
+            if isinstance(labels, Tensor) and labels.ndim == 3:  # teacher embeddings: score each row's own group
+                teacher_embeddings = functional.check_teacher_embeddings(labels, batch_size, num_candidates + 1, owner)
+                teacher_embeddings = teacher_embeddings.to(queries.device)
+                teacher = functional.rowwise_logits(
+                    teacher_embeddings[:, 0], teacher_embeddings[:, 1:], 1.0, similarity_fct
+                )
+            else:
+                teacher = functional.check_teacher_scores(labels, batch_size, num_candidates, owner)
+                teacher = teacher.to(queries.device)
             student = functional.rowwise_logits(queries, torch.stack(docs, dim=1), 1.0, similarity_fct)
         else:
-            teacher_embeddings = self._check_teacher_embeddings(labels, batch_size, num_candidates + 1)
+            owner = f"{owner}(include_in_batch=True)"
+            teacher_embeddings = functional.check_teacher_embeddings(labels, batch_size, num_candidates + 1, owner)
             teacher_embeddings = teacher_embeddings.to(queries.device)
             teacher_docs = list(teacher_embeddings[:, 1:].unbind(1))
             if self.base_loss.gather_across_devices and util.get_world_size() > 1:
                 docs = [util.all_gather_with_grad(d) for d in docs]
                 teacher_docs = [util.all_gather_with_grad(d) for d in teacher_docs]
+            # Row i's targets cover every in-batch candidate, in the layout of FocalInfoNCE's logits:
+            # [P_1..P_N, N1_1..N1_N, ...] (column-major over the candidate columns).
             teacher = functional.similarity_logits(
                 teacher_embeddings[:, 0], torch.cat(teacher_docs), 1.0, similarity_fct
             )
             student = functional.similarity_logits(queries, torch.cat(docs), 1.0, similarity_fct)
         return functional.kl_distill(student, teacher, self.student_temperature, self.teacher_temperature)
-
-    def _check_teacher_embeddings(self, labels: Any, batch_size: int, num_columns: int) -> Tensor:
-        owner = type(self).__name__
-        if not isinstance(labels, Tensor) or labels.ndim != 3 or labels.shape[:2] != (batch_size, num_columns):
-            got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(
-                f"{owner}(include_in_batch=True) needs the teacher's embeddings in the 'label' column, shape "
-                f"({batch_size}, {num_columns}, d_teacher) for (anchor, positive, negatives); got {got}."
-            )
-        bad = ~torch.isfinite(labels)
-        if bad.any():
-            row, column = int(bad.nonzero()[0, 0]), int(bad.nonzero()[0, 1])
-            raise ValueError(f"{owner}: teacher embedding of row {row}, column {column} is not finite.")
-        return labels.float()
 
     def get_config_dict(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,9 @@ Every loss class (plain and cached) calls these, so each formula of METHOD.md §
 - :func:`sample_mixing_weights` / :func:`mix_hard_negatives`: online hard-negative mixing (MoCHi-style);
 - :func:`false_negative_mask` / :func:`text_fingerprints`: the optional false-negative mask (beyond the paper, after
   Qwen3-Embedding);
-- :func:`kl_distill` and :func:`check_teacher_scores`: contrastive distillation from precomputed teacher scores.
+- :func:`kl_distill` and :func:`check_teacher_scores`: contrastive distillation from precomputed teacher scores;
+- :func:`project_truncated` / :func:`embedding_distill` / :func:`check_teacher_embeddings`: embedding-level
+  distillation to precomputed teacher embeddings through a trainable projection.
 
 Precision: every similarity, blend and softmax here runs in at least float32, whatever the embeddings' dtype and
 even inside an autocast region (:func:`_full_precision`): at ``tau = 0.01`` a bf16 logit near 50 is only known to
@@ -339,6 +341,57 @@ def check_teacher_scores(
     return _at_least_float32(labels) if labels.is_floating_point() else labels.float()
 
 
+def project_truncated(embeddings: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``embeddings @ weight[:, :d].T + bias`` for ``d = embeddings.size(-1) <= weight.size(1)``, in >= float32.
+
+    One ``(d_teacher, d_student)`` projection serves every Matryoshka dimension: a ``d``-dim truncation uses the first
+    ``d`` input columns, i.e. the truncated embedding zero-padded back to ``d_student``.
+    """
+    dim = embeddings.size(-1)
+    if dim > weight.size(1):
+        raise ValueError(f"embeddings have {dim} dims, but the projection takes at most {weight.size(1)}")
+    embeddings = _at_least_float32(embeddings)
+    with _full_precision(embeddings):
+        w = weight[:, :dim].to(embeddings.dtype)
+        return F.linear(embeddings, w, None if bias is None else bias.to(embeddings.dtype))
+
+
+def embedding_distill(
+    student: Tensor, teacher: Tensor, metric: Literal["cosine", "mse"], reduction: Reduction = "mean"
+) -> Tensor:
+    """Distance of projected student embeddings ``(N, d_T)`` to teacher embeddings ``(N, d_T)``, per row.
+
+    ``cosine``: ``1 - cos(s_i, t_i)`` (jina-embeddings-v5's embedding distillation); ``mse``: ``mean_k (s_ik - t_ik)^2``
+    (F2LLM-v2's embedding term; ``reduction="mean"`` equals ``F.mse_loss``). The teacher side is detached; computed
+    in at least float32.
+    """
+    student, teacher = _at_least_float32(student), _at_least_float32(teacher.detach()).to(student.dtype)
+    with _full_precision(student):
+        if metric == "cosine":
+            values = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+        elif metric == "mse":
+            values = (student - teacher).pow(2).mean(dim=-1)
+        else:
+            raise ValueError(f"metric must be 'cosine' or 'mse', got {metric!r}")
+        return _reduce(values, reduction)
+
+
+def check_teacher_embeddings(labels: object, batch_size: int, num_columns: int, owner: str) -> Tensor:
+    """Validate teacher embeddings ``(batch_size, num_columns, d_teacher)`` (one per input column, in column order:
+    anchor, positive, negative_1, ...) and return them as a float tensor; ``ValueError`` naming the row and column."""
+    if not isinstance(labels, Tensor) or labels.ndim != 3 or tuple(labels.shape[:2]) != (batch_size, num_columns):
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            f"{owner} needs the teacher's embeddings in the 'label' column, shape ({batch_size}, {num_columns}, "
+            f"d_teacher) for (anchor, positive, negatives) (kalm-st teacher-embed writes it); got {got}."
+        )
+    bad = ~torch.isfinite(labels)
+    if bad.any():
+        row, column = (int(i) for i in bad.nonzero()[0, :2])
+        raise ValueError(f"{owner}: teacher embedding of row {row}, column {column} is not finite.")
+    return _at_least_float32(labels) if labels.is_floating_point() else labels.float()
+
+
 def check_temperature(name: str, value: float) -> None:
     """``ValueError`` naming the argument unless ``0 < value < inf``."""
     if not (isinstance(value, int | float) and 0 < value < math.inf):
@@ -346,12 +399,15 @@ def check_temperature(name: str, value: float) -> None:
 
 
 __all__ = [
+    "check_teacher_embeddings",
     "check_teacher_scores",
     "check_temperature",
+    "embedding_distill",
     "false_negative_mask",
     "focal_info_nce",
     "kl_distill",
     "mix_hard_negatives",
+    "project_truncated",
     "rowwise_logits",
     "sample_mixing_weights",
     "similarity_logits",

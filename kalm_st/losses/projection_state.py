@@ -1,0 +1,102 @@
+"""Checkpointing of the losses' own trainable weights (``EmbeddingDistillation``'s projection).
+
+The SentenceTransformerTrainer optimises the loss's parameters (its ``get_optimizer_cls_and_kwargs`` collects
+``loss.named_parameters()``) and checkpoints the optimizer's state, but saves only the model's weights: a resumed
+run would restart the projection from its initialisation while its Adam moments continue. :class:`ProjectionStateCallback`
+writes the projections' ``state_dict`` into each ``checkpoint-N`` folder (``loss_projections.pt``, atomically);
+:func:`load_projection_state` copies them back (in place, so the optimizer keeps its references) before
+``trainer.train(resume_from_checkpoint=...)``. The final model never holds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from kalm_st.losses.embedding_distillation import EmbeddingDistillation
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "loss_projections.pt"
+
+
+def distillation_losses(
+    losses: nn.Module | Mapping[str, nn.Module] | Iterable[nn.Module],
+) -> list[EmbeddingDistillation]:
+    """Every distinct ``EmbeddingDistillation`` reachable from ``losses`` (wrappers such as MatryoshkaLoss included)."""
+    if isinstance(losses, nn.Module):
+        losses = [losses]
+    elif isinstance(losses, Mapping):
+        losses = list(losses.values())
+    found: list[EmbeddingDistillation] = []
+    for loss in losses:
+        for module in loss.modules():
+            if isinstance(module, EmbeddingDistillation) and all(module is not other for other in found):
+                found.append(module)
+    return found
+
+
+def save_projection_state(losses: Sequence[EmbeddingDistillation], folder: str | os.PathLike[str]) -> Path:
+    """Write the projections to ``folder/loss_projections.pt`` (temporary file, then rename)."""
+    path = Path(folder) / STATE_FILE
+    tmp = path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
+    torch.save([{k: v.detach().cpu() for k, v in loss.projection.state_dict().items()} for loss in losses], tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_projection_state(losses: Sequence[EmbeddingDistillation], folder: str | os.PathLike[str]) -> bool:
+    """Restore the projections saved in ``folder`` in place; False (and a warning) if the checkpoint holds none."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        logger.warning(
+            "%s has no %s: the distillation projection restarts from its initialisation.", folder, STATE_FILE
+        )
+        return False
+    states = torch.load(path, weights_only=True)
+    if len(states) != len(losses):
+        raise ValueError(
+            f"{path} holds {len(states)} projection(s) but the losses of this run have {len(losses)}: resume with "
+            "the losses the checkpoint was trained with."
+        )
+    for loss, state in zip(losses, states, strict=True):
+        own = loss.projection.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in own.items()}:
+            raise ValueError(
+                f"{path}: projection shapes {shapes} do not fit this run's ({loss.student_dim} -> {loss.teacher_dim})."
+            )
+        with torch.no_grad():
+            for name, value in own.items():
+                value.copy_(state[name])
+    return True
+
+
+class ProjectionStateCallback(TrainerCallback):
+    """Saves the losses' projections into every checkpoint the Trainer writes (main process)."""
+
+    def __init__(self, losses: Sequence[EmbeddingDistillation]) -> None:
+        self.losses = list(losses)
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 (TrainerCallback signature)
+        if state.is_world_process_zero and self.losses:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if folder.is_dir():
+                save_projection_state(self.losses, folder)
+        return control
+
+
+__all__ = [
+    "STATE_FILE",
+    "ProjectionStateCallback",
+    "distillation_losses",
+    "load_projection_state",
+    "save_projection_state",
+]
