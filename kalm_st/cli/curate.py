@@ -1,4 +1,4 @@
-"""``kalm-st mine | filter | label | teacher-score``: the curation tools of :mod:`kalm_st.data` on files.
+"""``kalm-st mine | filter | label | teacher-score | teacher-embed``: the curation tools of :mod:`kalm_st.data` on files.
 
 Each reads training data (jsonl/csv/parquet, see :mod:`kalm_st.data.formats`), applies the tool per task and writes
 one output file atomically (a ``task`` column keeps the tasks apart).
@@ -196,6 +196,28 @@ def _teacher_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_embed(args: argparse.Namespace) -> int:
+    from datasets import DatasetDict
+
+    from kalm_st.data import negative_columns_of, write_training_data
+    from kalm_st.data.teacher_embeddings import attach_teacher_embeddings, embed_texts
+
+    data, _ = _load(args)
+    teacher = _load_model(args)
+    out = DatasetDict()
+    for task, dataset in data.items():
+        columns = ["anchor", "positive", *negative_columns_of(dataset)]
+        texts = [text for column in columns for text in dataset[column]]
+        # the teacher embeds the texts as loaded, without the student's prompts (its own space is the target)
+        embed_texts(
+            texts, teacher, args.cache_dir, teacher_name=args.teacher_id or args.model,
+            chunk_size=args.chunk_size, batch_size=args.batch_size,
+        )  # fmt: skip
+        out[task] = attach_teacher_embeddings(dataset, args.cache_dir, columns)
+    write_training_data(out, args.output)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     mine = subparsers.add_parser("mine", help="mine hard negatives (KaLM: ranks 50-100, 7 negatives, random)")
     _common(mine, "the previous-stage embedding model")
@@ -229,3 +251,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     teacher.add_argument("--cache-dir", default=".kalm_cache/teacher_scores", help="score cache folder")
     teacher.add_argument("--teacher-id", default=None, help="teacher identity for the cache key")
     teacher.set_defaults(func=_teacher_score)
+
+    embed = subparsers.add_parser(
+        "teacher-embed", help="cache teacher embeddings of every text; their (2 + n, d) per row into 'label'"
+    )
+    _common(embed, "teacher model (SentenceTransformer)")
+    embed.add_argument("--cache-dir", default=".kalm_cache/teacher_embeddings", help="embedding cache folder")
+    embed.add_argument("--teacher-id", default=None, help="teacher identity for the cache key (default --model)")
+    embed.add_argument("--chunk-size", type=int, default=1024, help="texts per resumable chunk")
+    embed.set_defaults(func=_teacher_embed)

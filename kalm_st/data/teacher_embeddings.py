@@ -1,0 +1,202 @@
+"""A resumable, memory-mapped cache of teacher embeddings for every text of a training set.
+
+Layout of a cache folder:
+
+- ``manifest.json``: the teacher's fingerprint, the embedding dimension, the number of texts;
+- ``keys.npy``: ``(U, 2)`` uint64, a 128-bit BLAKE2b key of each distinct text (the text as it is encoded);
+- ``embeddings.npy``: ``(U, d)`` float32, memory-mapped (``numpy.lib.format.open_memmap``), row ``u`` for text ``u``;
+- ``filled.npy``: ``(U,)`` bool, which rows hold an embedding (written after each chunk: a killed run resumes there).
+
+Keying: a rerun with the same teacher fingerprint keeps every row whose text key it already has and embeds only
+the new texts; a changed text has a new key and is re-embedded; a different teacher (name, dimension or weights
+checksum) starts the cache afresh. :func:`attach_teacher_embeddings` writes the ``label`` column that
+:class:`~kalm_st.losses.EmbeddingDistillation` and :class:`~kalm_st.losses.ContrastiveDistillation` read:
+``(2 + n, d)`` floats per row, the teacher embeddings of (anchor, positive, negative_1..n) in column order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def text_keys(texts: Sequence[str]) -> np.ndarray:
+    """``(N, 2)`` uint64 BLAKE2b-128 keys of the texts (equal texts, equal keys)."""
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts)
+    return np.frombuffer(digests, dtype=np.uint64).reshape(len(texts), 2).copy()
+
+
+def teacher_fingerprint(model: Any, name: str) -> str:
+    """``name`` + the embedding dimension + a checksum of the weights (float64 sums of every parameter)."""
+    import torch
+
+    with torch.no_grad():
+        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+    digest = hashlib.sha256(json.dumps([name, model.get_embedding_dimension(), sums]).encode()).hexdigest()[:16]
+    return f"{name}:{digest}"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _lookup(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Row of each key in ``table`` (``-1`` if absent), vectorised via a sorted view of 128-bit keys."""
+    if len(table) == 0:
+        return np.full(len(keys), -1, dtype=np.int64)
+    dtype = np.dtype([("a", np.uint64), ("b", np.uint64)])
+    table_v, keys_v = table.view(dtype).ravel(), keys.view(dtype).ravel()
+    order = np.argsort(table_v, kind="stable")
+    position = np.searchsorted(table_v[order], keys_v).clip(max=len(table) - 1)
+    rows = order[position]
+    return np.where(table_v[rows] == keys_v, rows, -1).astype(np.int64)
+
+
+def embed_texts(
+    texts: Sequence[str],
+    teacher: Any,
+    folder: str | os.PathLike[str],
+    *,
+    teacher_name: str,
+    chunk_size: int = 1024,
+    batch_size: int = 32,
+    max_chunks: int | None = None,
+) -> np.ndarray:
+    """Embed every distinct text into the cache at ``folder``; return the cache row of each input text ``(N,)``.
+
+    Resumable: rows are written chunk by chunk (``chunk_size`` texts, memory-mapped) and marked filled after each
+    chunk, so a rerun embeds only what is missing. ``max_chunks`` stops after that many chunks (for tests and for
+    splitting a long job); the returned rows are then only valid for filled texts.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = teacher_fingerprint(teacher, teacher_name)
+    dim = int(teacher.get_embedding_dimension())
+    keys = text_keys(texts)
+    unique_keys, first, rows = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    unique_keys, first, rows = unique_keys, np.asarray(first), np.asarray(rows).reshape(-1)
+    manifest_path = folder / MANIFEST
+    old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    same_layout = (
+        old is not None
+        and old.get("teacher") == fingerprint
+        and (folder / "keys.npy").is_file()
+        and np.array_equal(np.load(folder / "keys.npy"), unique_keys)
+    )
+    if same_layout:
+        embeddings = np.load(folder / "embeddings.npy", mmap_mode="r+")
+        filled = np.load(folder / "filled.npy")
+    else:
+        previous = None
+        if old is not None and old.get("teacher") == fingerprint and (folder / "keys.npy").is_file():
+            previous = (
+                np.load(folder / "keys.npy"),
+                np.load(folder / "embeddings.npy"),
+                np.load(folder / "filled.npy"),
+            )
+        elif old is not None:
+            logger.info(
+                "%s: the teacher changed (%s -> %s): re-embedding every text", folder, old.get("teacher"), fingerprint
+            )
+        tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
+        embeddings = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(unique_keys), dim))
+        filled = np.zeros(len(unique_keys), dtype=bool)
+        if previous is not None:  # keep the rows of texts the cache already has
+            old_rows = _lookup(unique_keys, previous[0])
+            keep = (old_rows >= 0) & previous[2][old_rows.clip(min=0)]
+            embeddings[keep] = previous[1][old_rows[keep]]
+            filled[keep] = True
+        embeddings.flush()
+        del embeddings
+        os.replace(tmp, folder / "embeddings.npy")
+        _save_atomic(folder / "keys.npy", unique_keys)
+        _save_atomic(folder / "filled.npy", filled)
+        manifest = {"teacher": fingerprint, "dim": dim, "num_texts": len(unique_keys)}
+        tmp_manifest = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+        tmp_manifest.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp_manifest, manifest_path)
+        embeddings = np.load(folder / "embeddings.npy", mmap_mode="r+")
+    missing = np.flatnonzero(~filled)
+    logger.info(
+        "%s: %d distinct texts, %d cached, %d to embed", folder, len(filled), len(filled) - len(missing), len(missing)
+    )
+    for number, begin in enumerate(range(0, len(missing), chunk_size)):
+        if max_chunks is not None and number >= max_chunks:
+            break
+        chunk = missing[begin : begin + chunk_size]
+        chunk_texts = [texts[int(i)] for i in first[chunk]]
+        vectors = teacher.encode(chunk_texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        embeddings[chunk] = np.asarray(vectors, dtype=np.float32)
+        embeddings.flush()
+        filled[chunk] = True
+        _save_atomic(folder / "filled.npy", filled)
+    return rows
+
+
+def load_cache(folder: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(keys, embeddings (memory-mapped), filled)`` of a cache folder."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a teacher-embedding cache (no {MANIFEST}); run kalm-st teacher-embed"
+        )
+    return (
+        np.load(folder / "keys.npy"),
+        np.load(folder / "embeddings.npy", mmap_mode="r"),
+        np.load(folder / "filled.npy"),
+    )
+
+
+def attach_teacher_embeddings(dataset: Any, folder: str | os.PathLike[str], columns: Sequence[str]) -> Any:
+    """``dataset`` with a ``label`` column ``(len(columns), d)`` float32 per row: the cached teacher embeddings of
+    the row's texts in ``columns`` (e.g. anchor, positive, negative_1, ...). ``ValueError`` naming the column and
+    row of a text the cache lacks."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    keys, embeddings, filled = load_cache(folder)
+    dim = embeddings.shape[1]
+    parts = []
+    for column in columns:
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"attach_teacher_embeddings: the dataset has no column {column!r} ({dataset.column_names})"
+            )
+        rows = _lookup(text_keys(dataset[column]), keys)
+        ok = rows >= 0
+        ok[ok] = filled[rows[ok]]
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            raise ValueError(
+                f"teacher-embedding cache {folder} has no embedding for column {column!r}, row {bad} "
+                f"({dataset[bad][column]!r:.80}); run kalm-st teacher-embed on this data first."
+            )
+        parts.append(np.asarray(embeddings[rows], dtype=np.float32))
+    stacked = np.stack(parts, axis=1)  # (N, C, d)
+    flat = pa.array(stacked.reshape(-1), type=pa.float32())
+    inner = pa.FixedSizeListArray.from_arrays(flat, dim)
+    label = pa.FixedSizeListArray.from_arrays(inner, len(columns))
+    from datasets.table import InMemoryTable
+
+    table = dataset.flatten_indices().data.table  # the rows in the dataset's order
+    if "label" in dataset.column_names:
+        table = table.drop(["label"])
+    return Dataset(InMemoryTable(table.append_column("label", label)))
+
+
+__all__ = ["attach_teacher_embeddings", "embed_texts", "load_cache", "teacher_fingerprint", "text_keys"]
