@@ -50,6 +50,12 @@ def _contrastive_distillation() -> type[nn.Module]:
     return ContrastiveDistillation
 
 
+def _embedding_distillation() -> type[nn.Module]:
+    from kalm_st.losses import EmbeddingDistillation
+
+    return EmbeddingDistillation
+
+
 def _mnrl() -> type[nn.Module]:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -66,12 +72,15 @@ LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
     "focal_infonce": _focal_infonce,
     "cached_focal_infonce": _cached_focal_infonce,
     "contrastive_distillation": _contrastive_distillation,
+    "embedding_distillation": _embedding_distillation,
     "multiple_negatives_ranking": _mnrl,
     "cached_multiple_negatives_ranking": _cached_mnrl,
 }
 """Loss name (``loss.name`` in a stage YAML) -> the loss class. ``focal_infonce`` with ``gamma: 0`` is InfoNCE."""
 
 _KALM_LOSSES = ("focal_infonce", "cached_focal_infonce")
+_WRAPPING_LOSSES = ("contrastive_distillation", "embedding_distillation")
+"""Losses that add a term to a contrastive ``loss.base`` (one forward pass for both)."""
 
 
 def build_loss(
@@ -93,7 +102,7 @@ def build_loss(
             kwargs["hard_negative_mixing"] = HardNegativeMixing(**kwargs["hard_negative_mixing"])
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{source}: {key}.kwargs.hard_negative_mixing: {error}") from error
-    if loss.name == "contrastive_distillation":
+    if loss.name in _WRAPPING_LOSSES:
         assert loss.base is not None  # checked by the config
         kwargs["base_loss"] = build_loss(
             model, loss.base, classification=classification, source=source, key=f"{key}.base"
@@ -353,7 +362,11 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     if mixings:  # the Trainer checkpoints no loss state: save the mixing generators ourselves
         callbacks.append(MixingStateCallback(mixings))
     from kalm_st.losses.false_negative_logging import FalseNegativeLoggingCallback, masked_losses
+    from kalm_st.losses.projection_state import ProjectionStateCallback, distillation_losses
 
+    projected = distillation_losses(losses)
+    if projected:  # the projection into the teacher's space is loss state: save it into each checkpoint
+        callbacks.append(ProjectionStateCallback(projected))
     if masked_losses(losses):  # logs the count of masked in-batch candidates per step
         callbacks.append(FalseNegativeLoggingCallback(losses))
     callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks
@@ -433,6 +446,7 @@ def run_stage(
             {task: type(loss).__name__ for task, loss in run.losses.items()},
         )
         return None
+    from kalm_st.losses.projection_state import distillation_losses, load_projection_state
     from kalm_st.recipe.mixing_state import load_mixing_state, mixing_objects
 
     trainer = run.trainer
@@ -441,6 +455,8 @@ def run_stage(
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
         load_mixing_state(mixing_objects(run.losses), checkpoint)
+        if distillation_losses(run.losses):
+            load_projection_state(distillation_losses(run.losses), checkpoint)
     final = config.final_model_dir
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)

@@ -162,7 +162,7 @@ class LossConfig:
         name: Key in :data:`kalm_st.recipe.build.LOSSES` (e.g. ``focal_infonce``, ``contrastive_distillation``).
         kwargs: Constructor arguments, except ``model``. ``hard_negative_mixing: {...}`` becomes a
             :class:`~kalm_st.losses.HardNegativeMixing`.
-        base: For ``contrastive_distillation``: the contrastive loss it adds the KD term to.
+        base: For ``contrastive_distillation`` / ``embedding_distillation``: the contrastive loss they add to.
     """
 
     name: str
@@ -397,9 +397,12 @@ def _check_stage(config: StageConfig) -> None:
             raise ConfigError(
                 f"{source}: matryoshka.weights has {len(mat.weights)} entries but matryoshka.dims has {len(mat.dims)}."
             )
-        if config.loss.name == "contrastive_distillation" and config.loss.base is None:
+        if config.loss.name in ("contrastive_distillation", "embedding_distillation") and config.loss.base is None:
             raise ConfigError(f"{source}: missing required key loss.base (the contrastive loss distillation adds to).")
-        if config.loss.base is not None and config.loss.name != "contrastive_distillation":
+        if config.loss.base is not None and config.loss.name not in (
+            "contrastive_distillation",
+            "embedding_distillation",
+        ):
             raise ConfigError(f"{source}: unknown key loss.base for loss {config.loss.name!r}.")
         ratio = config.data.homogeneous_ratio
         if not 0.0 < ratio <= 1.0:

@@ -251,3 +251,19 @@ def test_false_negative_mask_from_the_config_logs_its_count(tmp_path: Path) -> N
         entry["false_negatives_masked"] for entry in run.trainer.state.log_history if "false_negatives_masked" in entry
     ]
     assert len(logged) == 2 and all(count >= 0 for count in logged)
+
+
+def test_embedding_distillation_is_a_recipe_loss_with_its_projection_checkpointed(tiny_model) -> None:
+    from kalm_st.losses import EmbeddingDistillation, FocalInfoNCE
+    from kalm_st.losses.projection_state import ProjectionStateCallback
+    from kalm_st.recipe.build import build_loss
+    from kalm_st.recipe.config import LossConfig
+
+    config = LossConfig(
+        name="embedding_distillation",
+        kwargs={"teacher_dim": 48, "weight": 0.5},
+        base=LossConfig(name="focal_infonce", kwargs={"temperature": 0.05}),
+    )
+    loss = build_loss(tiny_model, config)
+    assert isinstance(loss, EmbeddingDistillation) and isinstance(loss.base_loss, FocalInfoNCE)
+    assert ProjectionStateCallback([loss]).losses == [loss]
