@@ -377,9 +377,11 @@ def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: boo
             data_type = None
             for label, part in parts:
                 data_type = data_type or source_task_type(part, label)
-            task_type = task.type or data_type or "Retrieval"
-            if data_type is not None and task.type is None:
-                task = dataclasses.replace(task, type=task_type)
+            # the rows' FlagEmbedding type (symmetric_sts, ...) over the default type, not over another explicit one
+            if data_type is not None and task.type in (None, "Retrieval") and data_type != task.type:
+                logger.info("%s: task type %s, from the rows' 'type' column", task.key, data_type)
+                task = dataclasses.replace(task, type=data_type)
+            task_type = task.type or "Retrieval"
             n_neg = task_negatives(parts, fmt, config.data.num_negatives)
             if require and n_neg == 0:
                 raise DataValidationError(

@@ -20,6 +20,7 @@ reports every problem at once; what it cannot check offline (Hub ids) is listed.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -218,6 +219,12 @@ def plan_recipe(recipe: Recipe) -> tuple[list[StepPlan], list[str], list[str]]:
             if is_remote(value, model=is_model):
                 unchecked.append(f"step {step.name!r}: {value}")
                 input_fingerprints[value] = f"id:{value}"
+            elif not is_model and any(c in value for c in "*?["):  # a glob of shards
+                matches = sorted(glob.glob(value, recursive=True))
+                if not matches:
+                    problems.append(f"{recipe.path}: step {step.name!r}: input {value!r} matches no file.")
+                else:
+                    input_fingerprints[value] = _sha256(json.dumps([path_fingerprint(m) for m in matches]).encode())
             elif not Path(value).exists():
                 problems.append(f"{recipe.path}: step {step.name!r}: input {value!r} does not exist.")
             else:

@@ -259,3 +259,59 @@ def test_subfolder_with_other_columns_is_named(tmp_path: Path) -> None:
     odd = _write_parquet(root / "c" / "train.parquet", [{"query": r["query"], "pos": r["pos"]} for r in _kalm_rows(8)])
     message = _error(tmp_path, {"sources": [{"path": str(root), "tasks": "subfolders"}]})
     assert f"{odd}: row 0: column 'neg'" in message and "differ from its siblings" in message
+
+
+def test_a_restart_reads_the_converted_cache_without_converting_again(tmp_path: Path) -> None:
+    path = _write_parquet(tmp_path / "kalm" / "t" / "train.parquet", _kalm_rows(16))
+    config = _config(tmp_path, {"tasks": {"t": {"path": str(path)}}, "num_negatives": 2})
+    first, _ = _load(config)
+    files = [f["filename"] for f in first["t"].cache_files]
+    stamps = [Path(f).stat().st_mtime_ns for f in files]
+    again, _ = _load(config)
+    assert [f["filename"] for f in again["t"].cache_files] == files  # memory-mapped from the same Arrow file
+    assert [Path(f).stat().st_mtime_ns for f in files] == stamps  # not rewritten: nothing converted or checked again
+    assert again["t"].to_dict() == first["t"].to_dict()
+
+
+@pytest.mark.parametrize("policy", ["strip", "replace"])
+def test_baked_instruction_strip_or_replace(tmp_path: Path, policy: str) -> None:
+    path = _write_parquet(tmp_path / "k" / "STSBenchmark" / "train.parquet", _kalm_rows(8))
+    config = _config(
+        tmp_path,
+        {"sources": [{"path": str(path.parent.parent), "tasks": "subfolders"}], "instructed_queries": policy},
+    )
+    run = build_stage(config)
+    anchors = run.train_dataset["STSBenchmark"]["anchor"]
+    raw = [a for a, _ in _stsb(8)]
+    if policy == "strip":
+        assert anchors == raw and run.args.prompts["STSBenchmark"] == {}
+    else:  # the table's instruction for STSBenchmark replaces the row's
+        table = KALM_INSTRUCTION_TEMPLATE.format(instruction="Retrieve semantically similar text")
+        assert anchors == [table + a for a in raw]
+
+
+def test_ragged_drop_and_flag_type_column(tmp_path: Path) -> None:
+    pairs = _stsb(12)
+    rows = [
+        {"query": a, "pos": [b], "neg": [pairs[(i + 1) % 12][1]] * (1 + i % 2), "type": "symmetric_sts"}
+        for i, (a, b) in enumerate(pairs)
+    ]
+    path = tmp_path / "sts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(tmp_path, {"tasks": {"pairs": {"path": str(path)}}, "num_negatives": 2, "ragged_negatives": "drop"})
+    data, tasks = _load(config)
+    assert tasks["pairs"].type == "STS"  # symmetric_sts
+    assert len(data["pairs"]) == 6  # the rows with one negative dropped
+    sts = KALM_INSTRUCTION_TEMPLATE.format(instruction="Retrieve semantically similar text")
+    assert data["pairs"]["positive"] == [sts + b for i, (_, b) in enumerate(pairs) if i % 2 == 1]
+
+
+def test_source_config_errors_name_the_key(tmp_path: Path) -> None:
+    from kalm_st.recipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.max_rows_per_task must be >= 1"):
+        _config(tmp_path, {"sources": [{"path": "x", "max_rows_per_task": 0}]})
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.tasks must be one of"):
+        _config(tmp_path, {"sources": [{"path": "x", "tasks": "folders"}]})
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.path 'hf://KaLM/x': a Hub dataset is written"):
+        _config(tmp_path, {"sources": [{"path": "hf://KaLM/x"}]})
