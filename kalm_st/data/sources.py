@@ -391,6 +391,16 @@ def _convert_batch(
     return pa.table(out)
 
 
+def _first_non_list(dataset: Any, column: str) -> int:
+    """The first row whose value is not a list: JSON files mixing lists and scalars are read as JSON text."""
+    values = dataset.data.table.column(column)
+    storage = pa.chunked_array([getattr(c, "storage", c) for c in values.chunks])
+    if pa.types.is_string(storage.type) or pa.types.is_large_string(storage.type):
+        at = _first(pc.invert(pc.starts_with(pc.utf8_ltrim_whitespace(storage), "[")))
+        return at or 0
+    return 0
+
+
 def source_task_type(dataset: Any, label: str) -> str | None:
     """The task type a FlagEmbedding ``type`` column asks for (``symmetric_sts`` -> STS, ...), None for none."""
     if "type" not in dataset.column_names:
@@ -446,7 +456,7 @@ def convert_pairs(
             and not pa.types.is_list(schema.field(name).type)
             and not pa.types.is_large_list(schema.field(name).type)
         ):
-            _fail(label, 0, name, f"must be a list, got {schema.field(name).type}")
+            _fail(label, _first_non_list(dataset, name), name, f"must be a list, got {schema.field(name).type}")
     resolved = resolve_instruction(task_name, task_type)
     neg_columns = sorted(
         (c for c in columns if c.startswith("negative_") and c[9:].isdigit()), key=lambda c: int(c[9:])

@@ -298,7 +298,9 @@ def test_ragged_drop_and_flag_type_column(tmp_path: Path) -> None:
     ]
     path = tmp_path / "sts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = _config(tmp_path, {"tasks": {"pairs": {"path": str(path)}}, "num_negatives": 2, "ragged_negatives": "drop"})
+    config = _config(
+        tmp_path, {"tasks": {"pairs": {"path": str(path)}}, "num_negatives": 2, "ragged_negatives": "drop"}
+    )
     data, tasks = _load(config)
     assert tasks["pairs"].type == "STS"  # symmetric_sts
     assert len(data["pairs"]) == 6  # the rows with one negative dropped
@@ -315,3 +317,12 @@ def test_source_config_errors_name_the_key(tmp_path: Path) -> None:
         _config(tmp_path, {"sources": [{"path": "x", "tasks": "folders"}]})
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.path 'hf://KaLM/x': a Hub dataset is written"):
         _config(tmp_path, {"sources": [{"path": "hf://KaLM/x"}]})
+
+
+def test_jsonl_row_whose_pos_is_not_a_list_is_named(tmp_path: Path) -> None:
+    rows = [{"query": a, "pos": [b], "neg": [a]} for a, b in _stsb(10)]
+    rows[3]["pos"] = rows[3]["pos"][0]
+    path = tmp_path / "flag.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = _error(tmp_path, {"tasks": {"t": {"path": str(path)}}})
+    assert f"{path}: row 3: column 'pos': must be a list" in message, message
