@@ -43,6 +43,9 @@ RUNNING = "running.json"
 HASH_LIMIT = 64 * 2**20
 """Local files up to this size are fingerprinted by content; larger ones (and folder members) by size + mtime."""
 _REMOTE_PREFIXES = ("hf://", "builtin:")
+_FILE_SUFFIXES = frozenset(
+    {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".yaml", ".yml", ".txt", ".safetensors", ".bin", ".pt", ".gguf"}
+)
 _VERSION_PACKAGES = ("kalm-st", "torch", "transformers", "sentence-transformers", "datasets", "mteb")
 
 
@@ -103,7 +106,12 @@ def is_remote(value: str, *, model: bool) -> bool:
     path. Data inputs are local files unless they say ``hf://``."""
     if value.startswith(_REMOTE_PREFIXES):
         return True
-    hub_id = value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).suffix
+    # "Qwen/Qwen2-0.5B" is a Hub id: only a file suffix (".jsonl", ".yaml", ...) makes "x/y.z" a local path
+    hub_id = (
+        value.count("/") == 1
+        and not value.startswith((".", "/", "~"))
+        and Path(value).suffix.lower() not in _FILE_SUFFIXES
+    )
     return model and hub_id and not Path(value).exists()
 
 

@@ -326,3 +326,32 @@ def test_jsonl_row_whose_pos_is_not_a_list_is_named(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     message = _error(tmp_path, {"tasks": {"t": {"path": str(path)}}})
     assert f"{path}: row 3: column 'pos': must be a list" in message, message
+
+
+def test_recipe_planning_lists_hub_sources_as_remote_and_checks_globs(tmp_path: Path, monkeypatch) -> None:
+    from kalm_st.recipe.recipe import RecipeError, load_recipe
+    from kalm_st.recipe.runner import check_recipe
+
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'out'}\nsteps:\n"
+        "  - {name: pretrain, kind: train, config: training/configs/stage1_pretrain.yaml}\n"
+    )
+    unchecked = check_recipe(load_recipe(recipe))
+    assert any("hf://datasets/HIT-TMG/KaLM-embedding-pretrain-data" in item for item in unchecked), unchecked
+    shards = str(tmp_path / "none-*.parquet")
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'out'}\nsteps:\n"
+        "  - name: pretrain\n    kind: train\n    config: training/configs/stage1_pretrain.yaml\n"
+        f"    set: {{data: {{tasks: {{weak: {{path: '{shards}'}}}}}}}}\n"
+    )
+    with pytest.raises(RecipeError, match="matches no file"):
+        check_recipe(load_recipe(recipe))
+
+
+def test_a_hub_model_id_with_a_dot_is_remote() -> None:
+    from kalm_st.recipe.runner import is_remote
+
+    assert is_remote("Qwen/Qwen2-0.5B", model=True)  # ".5B" is not a file suffix
+    assert not is_remote("corpora/pairs.jsonl", model=True)
