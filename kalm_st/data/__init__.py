@@ -1,4 +1,5 @@
-"""Training data: the file format and its validation (:mod:`kalm_st.data.formats`) and the KaLM curation tools
+"""Training data: the file format and its validation (:mod:`kalm_st.data.formats`), the sources and the KaLM / FlagEmbedding / F2LLM formats
+(:mod:`kalm_st.data.sources`) and the KaLM curation tools
 (:mod:`~kalm_st.data.mining`, :mod:`~kalm_st.data.filtering`, :mod:`~kalm_st.data.labelling`,
 :mod:`~kalm_st.data.teacher_scores`)."""
 
@@ -18,12 +19,16 @@ from kalm_st.data.formats import (
 )
 from kalm_st.data.labelling import label_examples
 from kalm_st.data.mining import mine_hard_negatives
+from kalm_st.data.sources import TaskSource, convert_pairs, detect_format, open_source
 from kalm_st.data.teacher_scores import score_with_teacher, teacher_name
 
 __all__ = [
     "DataValidationError",
     "FilterReport",
+    "TaskSource",
     "build_training_prompts",
+    "convert_pairs",
+    "detect_format",
     "filter_by_rank",
     "label_examples",
     "load_training_data",
@@ -31,6 +36,7 @@ __all__ = [
     "negative_columns",
     "negative_columns_of",
     "normalize_dataset",
+    "open_source",
     "positive_ranks",
     "read_table",
     "score_with_teacher",

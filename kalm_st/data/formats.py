@@ -273,6 +273,17 @@ def normalize_dataset(
     if "instruction" in columns and not row_instructions:
         logger.warning("%s: column 'instruction' ignored (row instructions off): texts are used as written", source)
 
+    if task_col is None and instruction_col is None:
+        fast = _normalize_arrow(dataset, anchor_col, neg_columns, score_col, num_negatives, list_column)
+        if fast is not None:  # clean data: checked in Arrow batches, the columns kept memory-mapped as they are
+            if batch_size is not None and len(fast) < batch_size:
+                problems.append(
+                    f"{source}: task {default_task!r}: {len(fast)} valid row(s), fewer than one batch of {batch_size}; "
+                    "add data, lower the batch size or merge the task into another"
+                )
+                return DatasetDict(), problems
+            return DatasetDict({default_task: fast}), problems
+
     rows: dict[str, dict[str, list[Any]]] = {}
     first_row: dict[str, int] = {}
     neg_counts: dict[str, int] = {}
@@ -373,6 +384,109 @@ def normalize_dataset(
             except ValueError as error:  # an unknown task type
                 problems.append(f"{source}: task {task!r}: {error}")
     return result, problems
+
+
+_ARROW_BATCH = 1 << 16
+
+
+def _is_text_type(data_type: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _normalize_arrow(
+    dataset: Dataset,
+    anchor_col: str,
+    neg_columns: Sequence[str],
+    score_col: str | None,
+    num_negatives: int | None,
+    list_column: str | None = None,
+) -> Dataset | None:
+    """The vectorised path of :func:`normalize_dataset` for one task's rows in kalm-st's columns.
+
+    Checks the same rules with ``pyarrow.compute`` over record batches (no Python object per row) and returns the
+    dataset's own columns, selected and renamed (memory-mapped, not copied). Returns None as soon as anything would
+    be a problem or needs per-row work (ragged negatives, scores to truncate): the row-by-row path then reports it
+    with file, row and column.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    schema = dataset.features.arrow_schema
+    list_length = None
+    if list_column is not None:  # a list column of negatives: every row the same number, else the row path
+        list_type = schema.field(list_column).type
+        if not (pa.types.is_list(list_type) or pa.types.is_large_list(list_type)):
+            return None
+        if not _is_text_type(list_type.value_type):
+            return None
+        lengths = pc.list_value_length(dataset.data.table.column(list_column))
+        low, high = pc.min_max(lengths).values()
+        if lengths.null_count or low.as_py() != high.as_py() or not low.as_py() or dataset._indices is not None:
+            return None
+        list_length = low.as_py()
+    available = len(neg_columns) if list_length is None else list_length
+    n = available if num_negatives is None else min(num_negatives, available)
+    text_columns = [anchor_col, "positive", *neg_columns]
+    if any(not _is_text_type(schema.field(c).type) for c in text_columns):
+        return None
+    if score_col is not None:
+        score_type = schema.field(score_col).type
+        if not (pa.types.is_list(score_type) or pa.types.is_large_list(score_type)):
+            return None
+        if not pa.types.is_floating(score_type.value_type) or n != available:
+            return None
+    columns = text_columns + ([list_column] if list_column else []) + ([score_col] if score_col else [])
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=_ARROW_BATCH):
+        for column in text_columns:
+            texts = batch.column(column)
+            if texts.null_count or pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)).as_py():
+                return None
+        if score_col is not None:
+            scores = batch.column(score_col)
+            lengths = pc.list_value_length(scores)
+            if lengths.null_count or not pc.all(pc.equal(lengths, 1 + n)).as_py():
+                return None
+            values = pc.list_flatten(scores)
+            if values.null_count or not pc.all(pc.is_finite(values)).as_py():
+                return None
+        if list_column is not None:
+            values = pc.list_flatten(batch.column(list_column))
+            if values.null_count or pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)).as_py():
+                return None
+    if list_column is not None:
+        return (
+            dataset.with_format("arrow")
+            .map(
+                _explode_negatives,
+                batched=True,
+                batch_size=_ARROW_BATCH,
+                remove_columns=dataset.column_names,
+                fn_kwargs={"anchor_col": anchor_col, "list_column": list_column, "n": n, "score_col": score_col},
+                desc="Reading negatives",
+            )
+            .with_format(None)
+        )
+    keep = [anchor_col, "positive", *neg_columns[:n]] + ([score_col] if score_col else [])
+    out = dataset.select_columns(keep)
+    names = {anchor_col: "anchor", **{c: f"negative_{k + 1}" for k, c in enumerate(neg_columns[:n])}}
+    if score_col is not None:
+        names[score_col] = "label"
+    return out.rename_columns({old: new for old, new in names.items() if old != new})
+
+
+def _explode_negatives(batch: Any, *, anchor_col: str, list_column: str, n: int, score_col: str | None) -> Any:
+    """A record batch with a ``negatives`` list column -> ``anchor, positive, negative_1..n[, label]``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = {"anchor": batch.column(anchor_col), "positive": batch.column("positive")}
+    for k in range(n):
+        out[f"negative_{k + 1}"] = pc.list_element(batch.column(list_column), k)
+    if score_col is not None:
+        out["label"] = batch.column(score_col)
+    return pa.table(out)
 
 
 def load_training_data(

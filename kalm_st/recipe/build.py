@@ -140,12 +140,17 @@ def matryoshka_schedule(
     return out_dims, out_weights
 
 
-def build_losses(model: Any, config: StageConfig) -> dict[str, nn.Module]:
-    """Per-task losses (a dict keyed like the training ``DatasetDict``), wrapped in ``MatryoshkaLoss`` if enabled."""
+def build_losses(model: Any, config: StageConfig, tasks: dict[str, Any] | None = None) -> dict[str, nn.Module]:
+    """Per-task losses (a dict keyed like the training ``DatasetDict``), wrapped in ``MatryoshkaLoss`` if enabled.
+
+    ``tasks`` (default ``data.tasks``): name -> an object with ``type`` and ``in_batch_negatives`` (None: off for the
+    classification types); a task without in-batch negatives gets the classification loss settings.
+    """
     assert config.loss is not None and config.data is not None
     losses: dict[str, nn.Module] = {}
-    for task, task_config in config.data.tasks.items():
-        classification = task_config.type in CLASSIFICATION_TYPES
+    for task, task_config in (config.data.tasks if tasks is None else tasks).items():
+        in_batch = task_config.in_batch_negatives
+        classification = task_config.type in CLASSIFICATION_TYPES if in_batch is None else not in_batch
         loss = build_loss(model, config.loss, classification=classification, source=config.source)
         if config.matryoshka.enabled:
             from kalm_st.losses import MATRYOSHKA_WEIGHTS, kalm_matryoshka
@@ -225,54 +230,211 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def load_task_datasets(config: StageConfig, tasks: dict[str, TaskConfig]) -> Any:
-    """A ``DatasetDict`` keyed by task with columns ``anchor, positive, negative_1..n[, label]``, validated by
-    :func:`kalm_st.data.load_training_data` (file, row and column in every error)."""
-    from datasets import DatasetDict
+def resolve_tasks(
+    config: StageConfig, tasks: dict[str, TaskConfig], *, with_sources: bool = True, skip_remote: bool = False
+) -> dict[str, Any]:
+    """Task name -> :class:`kalm_st.data.sources.TaskSource`: ``tasks`` plus the expansion of ``data.sources``.
 
-    from kalm_st.data.formats import load_training_data, negative_columns_of
+    ``skip_remote`` (``--dry-run``): a Hub source is not listed (that needs the network); it is logged unchecked.
+    """
+    from kalm_st.data.sources import TaskSource, is_remote_path, list_subtasks, with_suffix_rule
+
+    assert config.data is not None
+    out: dict[str, Any] = {}
+    for name, task in tasks.items():
+        section = "tasks" if tasks is config.data.tasks else "eval_tasks"
+        out[name] = with_suffix_rule(
+            TaskSource(
+                name,
+                task.path,
+                f"data.{section}.{name}",
+                task.type,
+                task.revision,
+                None,
+                task.max_rows,
+                task.in_batch_negatives,
+            )
+        )
+    for i, entry in enumerate(config.data.sources if with_sources else ()):
+        key = f"data.sources[{i}]"
+        if skip_remote and is_remote_path(entry.path):
+            logger.info("Dry run: %s %s is remote, not checked offline.", key, entry.path)
+            continue
+        if entry.tasks == "one":
+            found = [(entry.name or entry.path.rstrip("/").rsplit("/", 1)[-1], entry.path, None)]
+        else:
+            try:
+                found = list_subtasks(entry.path, entry.revision)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{config.source}: {key}.path: {error}") from error
+            if entry.include:
+                missing = sorted(set(entry.include) - {n for n, _, _ in found})
+                if missing:
+                    raise ConfigError(
+                        f"{config.source}: {key}.include names {missing}, not sub-folders of "
+                        f"{entry.path} (have {[n for n, _, _ in found]})."
+                    )
+                found = [f for f in found if f[0] in entry.include]
+        for unknown in sorted(set(entry.types) - {n for n, _, _ in found}):
+            raise ConfigError(f"{config.source}: {key}.types.{unknown}: no such task in {entry.path}.")
+        for task_name, path, config_name in found:
+            if task_name in out:
+                raise ConfigError(f"{config.source}: {key}: task {task_name!r} is defined twice (rename one).")
+            out[task_name] = with_suffix_rule(
+                TaskSource(
+                    task_name,
+                    path,
+                    f"{key}[{task_name}]",
+                    entry.types.get(task_name, entry.type),
+                    entry.revision,
+                    config_name,
+                    entry.max_rows_per_task,
+                    None,
+                    entry.instructions.get(task_name),
+                )
+            )
+    return out
+
+
+def load_task_datasets(config: StageConfig, tasks: dict[str, Any], *, skip_remote: bool = False) -> Any:
+    """A ``DatasetDict`` keyed by task with columns ``anchor, positive, negative_1..n[, label]``.
+
+    ``tasks``: :class:`TaskConfig` or :class:`~kalm_st.data.sources.TaskSource` by name. kalm-st's own columns are
+    validated by :func:`kalm_st.data.load_training_data`, KaLM / FlagEmbedding / F2LLM rows converted by
+    :func:`kalm_st.data.sources.convert_pairs` (file, row and column in every error).
+    """
+    return load_sources(config, tasks, skip_remote=skip_remote)[0]
+
+
+def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: bool = False) -> tuple[Any, dict]:
+    """``(DatasetDict, {name: TaskSource with the type the data asked for})``; see :func:`load_task_datasets`."""
+    import dataclasses
+
+    from datasets import DatasetDict, concatenate_datasets
+
+    from kalm_st.data.formats import DataValidationError, load_training_data, negative_columns_of
+    from kalm_st.data.sources import (
+        TaskSource,
+        check_sibling_columns,
+        convert_pairs,
+        detect_format,
+        open_source,
+        source_task_type,
+        task_negatives,
+        with_suffix_rule,
+    )
 
     assert config.data is not None
     per_device = int(config.args.get("per_device_train_batch_size", 8))
-    result = DatasetDict()
+    sources: dict[str, TaskSource] = {}
     for name, task in tasks.items():
+        if isinstance(task, TaskConfig):
+            task = with_suffix_rule(
+                TaskSource(
+                    name,
+                    task.path,
+                    f"data.tasks.{name}",
+                    task.type,
+                    task.revision,
+                    None,
+                    task.max_rows,
+                    task.in_batch_negatives,
+                )
+            )
+        sources[name] = task
+    opened: dict[str, list[tuple[str, Any]]] = {}
+    for name, task in sources.items():
+        if skip_remote and task.remote:
+            logger.info("Dry run: %s (%s) is remote, not checked offline.", task.key, task.path)
+            continue
         try:
-            loaded = load_training_data(
-                task.path,
-                default_task=name,
-                require_negatives=config.stage in ("finetune", "distill"),
-                num_negatives=config.data.num_negatives,
-                task_types={name: task.type},  # which columns get the instruction of rows with their own
-            )
+            opened[name] = open_source(task)
         except (FileNotFoundError, IsADirectoryError) as error:
-            raise type(error)(f"{config.source}: data.tasks.{name}.path: {error}") from error
-        if name not in loaded:  # a file of several tasks (a curation output) gives the task of the same name
-            raise ConfigError(
-                f"{config.source}: data.tasks.{name}.path {task.path!r} holds tasks {list(loaded)}, not {name!r} "
-                "(rename the task after the file's 'task' values, or drop that column)."
+            raise type(error)(f"{config.source}: {task.key}.path: {error}") from error
+    by_key: dict[str, dict[str, list]] = {}
+    for name, parts in opened.items():
+        by_key.setdefault(sources[name].key.split("[")[0], {})[name] = parts
+    for group in by_key.values():
+        if len(group) > 1:
+            check_sibling_columns(group)
+    result = DatasetDict()
+    resolved: dict[str, TaskSource] = {}
+    require = config.stage in ("finetune", "distill")
+    for name, parts in opened.items():
+        task = sources[name]
+        fmt = detect_format(parts[0][1].column_names)
+        if fmt == "st":
+            loaded = load_training_data(
+                [label for label, _ in parts],
+                default_task=name,
+                require_negatives=require,
+                num_negatives=config.data.num_negatives,
+                task_types={name: task.type or "Retrieval"},
             )
-        dataset = loaded[name]
+            if name not in loaded:  # a file of several tasks (a curation output) gives the task of the same name
+                raise ConfigError(
+                    f"{config.source}: {task.key}.path {task.path!r} holds tasks {list(loaded)}, not {name!r} "
+                    "(rename the task after the file's 'task' values, or drop that column)."
+                )
+            dataset = loaded[name]
+            if task.max_rows is not None:
+                dataset = dataset.select(range(min(task.max_rows, len(dataset))))
+        else:
+            from kalm_st.data.sources import cap_parts
+
+            parts = cap_parts(parts, task.max_rows)
+            data_type = None
+            for label, part in parts:
+                data_type = data_type or source_task_type(part, label)
+            # the rows' FlagEmbedding type (symmetric_sts, ...) over the default type, not over another explicit one
+            if data_type is not None and task.type in (None, "Retrieval") and data_type != task.type:
+                logger.info("%s: task type %s, from the rows' 'type' column", task.key, data_type)
+                task = dataclasses.replace(task, type=data_type)
+            task_type = task.type or "Retrieval"
+            n_neg = task_negatives(parts, fmt, config.data.num_negatives)
+            if require and n_neg == 0:
+                raise DataValidationError(
+                    [
+                        f"{parts[0][0]}: row 0: column 'neg': no negatives, but negatives are required (stage "
+                        f"{config.stage!r}); empty 'neg' lists train in-batch only, in a pretrain stage"
+                    ]
+                )
+            converted = [
+                convert_pairs(
+                    part,
+                    label=label,
+                    task_name=name,
+                    task_type=task_type,
+                    num_negatives=n_neg,
+                    seed=config.seed,
+                    ragged_negatives=config.data.ragged_negatives,
+                    instructed_queries=config.data.instructed_queries,
+                    instruction=task.instruction,
+                )
+                for label, part in parts
+            ]
+            dataset = concatenate_datasets(converted) if len(converted) > 1 else converted[0]
+            task = dataclasses.replace(task, converted=True)
+        resolved[name] = task
         wanted, present = config.data.num_negatives, len(negative_columns_of(dataset))
         if wanted and present < wanted:
             raise ConfigError(
-                f"{config.source}: data.num_negatives is {wanted}, but data.tasks.{name} ({task.path}) has {present} "
+                f"{config.source}: data.num_negatives is {wanted}, but {task.key} ({task.path}) has {present} "
                 "negatives per row; lower data.num_negatives or mine more negatives."
             )
-        if task.max_rows is not None:
-            dataset = dataset.select(range(min(task.max_rows, len(dataset))))
         if config.data.num_negatives == 0:
             dataset = dataset.remove_columns([c for c in dataset.column_names if c.startswith("negative_")])
         global_batch = per_device * _world_size()
         if len(dataset) < global_batch:
             raise ConfigError(
-                f"{config.source}: data.tasks.{name} ({task.path}) has {len(dataset)} rows, fewer than one global "
+                f"{config.source}: {task.key} ({task.path}) has {len(dataset)} rows, fewer than one global "
                 f"batch of {global_batch} (per_device_train_batch_size x {_world_size()} processes)."
             )
         result[name] = dataset
-    return result
+    return result, resolved
 
 
-def build_prompts(tasks: dict[str, TaskConfig], datasets: Any) -> dict[str, dict[str, str]]:
+def build_prompts(tasks: dict[str, Any], datasets: Any) -> dict[str, dict[str, str]]:
     """sentence-transformers' nested ``prompts`` (``{task: {column: prompt}}``) from the one instruction resolver.
 
     :func:`kalm_st.data.build_training_prompts` with each task's configured ``type``: the same prompts the curation
@@ -280,10 +442,10 @@ def build_prompts(tasks: dict[str, TaskConfig], datasets: Any) -> dict[str, dict
     """
     from kalm_st.data.formats import build_training_prompts
 
-    return build_training_prompts(datasets, {name: task.type for name, task in tasks.items()})
+    return build_training_prompts(datasets, {name: task.type or "Retrieval" for name, task in tasks.items()})
 
 
-def _multi_dataset_sampler(config: StageConfig) -> Any:
+def _multi_dataset_sampler(config: StageConfig, task_names: Sequence[str] | None = None) -> Any:
     """The rank-aware, task-homogeneous batch sampler (every rank draws the same task at each step)."""
     from kalm_st.sampling import TaskHomogeneousBatchSampler
 
@@ -292,7 +454,7 @@ def _multi_dataset_sampler(config: StageConfig) -> Any:
         TaskHomogeneousBatchSampler,
         homogeneous_ratio=config.data.homogeneous_ratio,
         length_aware=config.data.length_aware,
-        task_names=list(config.data.tasks),
+        task_names=list(config.data.tasks if task_names is None else task_names),
     )
 
 
@@ -314,7 +476,9 @@ class StageRun:
     trainer: Any
 
 
-def training_arguments(config: StageConfig, prompts: dict[str, Any] | None = None) -> Any:
+def training_arguments(
+    config: StageConfig, prompts: dict[str, Any] | None = None, task_names: Sequence[str] | None = None
+) -> Any:
     """``SentenceTransformerTrainingArguments(**config.args)`` plus what YAML cannot hold (sampler class, prompts)."""
     from sentence_transformers import SentenceTransformerTrainingArguments
 
@@ -327,7 +491,7 @@ def training_arguments(config: StageConfig, prompts: dict[str, Any] | None = Non
             args["bf16"] = use_bf16(args["bf16"], cuda=on_cuda, what=f"{config.source}: args.bf16")
         except ValueError as error:
             raise ConfigError(str(error)) from error
-    args.setdefault("multi_dataset_batch_sampler", _multi_dataset_sampler(config))
+    args.setdefault("multi_dataset_batch_sampler", _multi_dataset_sampler(config, task_names))
     if prompts is not None and "prompts" not in config.args:
         args["prompts"] = prompts
     try:
@@ -336,7 +500,7 @@ def training_arguments(config: StageConfig, prompts: dict[str, Any] | None = Non
         raise ConfigError(f"{config.source}: args: {error}") from error
 
 
-def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageRun:
+def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: bool = False) -> StageRun:
     """Build model, datasets, losses, arguments and trainer of a training stage (nothing is trained)."""
     from sentence_transformers import SentenceTransformerTrainer
 
@@ -346,16 +510,27 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = ()) -> StageR
     if not config.is_training:
         raise ConfigError(f"{config.source}: stage 'soup' has no trainer; use kalm_st.recipe.soup.run_soup.")
     assert config.data is not None
-    train_dataset = load_task_datasets(config, config.data.tasks)
-    eval_dataset = load_task_datasets(config, config.data.eval_tasks) if config.data.eval_tasks else None
-    prompts = build_prompts({**config.data.tasks, **config.data.eval_tasks}, train_dataset)
+    train_tasks = resolve_tasks(config, config.data.tasks, skip_remote=dry_run)
+    train_dataset, train_tasks = load_sources(config, train_tasks, skip_remote=dry_run)
+    eval_dataset = None
+    eval_tasks: dict[str, Any] = {}
+    if config.data.eval_tasks:
+        eval_tasks = resolve_tasks(config, config.data.eval_tasks, with_sources=False, skip_remote=dry_run)
+        eval_dataset, eval_tasks = load_sources(config, eval_tasks, skip_remote=dry_run)
+    prompts = build_prompts({**train_tasks, **eval_tasks}, train_dataset)
     if eval_dataset is not None:
-        prompts.update(build_prompts(config.data.eval_tasks, eval_dataset))
+        prompts.update(build_prompts(eval_tasks, eval_dataset))
+    if config.data.instructed_queries == "strip":  # converted tasks: the texts as stripped, no prompt added
+        for name, task in {**train_tasks, **eval_tasks}.items():
+            if task.converted:
+                prompts[name] = {}
     # The model first: creating the training arguments initialises torch.distributed under torchrun, after which
     # transformers' save_pretrained (used when building a model from a config) writes on rank 0 only.
     model = build_stage_model(config)
-    args = training_arguments(config, prompts)
-    losses = build_losses(model, config)
+    args = training_arguments(config, prompts, list(train_tasks))
+    losses = build_losses(model, config, train_tasks)
+    if dry_run and not len(train_dataset):  # every source is remote: nothing to build a trainer on offline
+        return StageRun(config, model, train_dataset, eval_dataset, losses, args, None)
     # the sampler's epoch must reach it through accelerate's wrappers on every transformers version and on resume
     callbacks = [SamplerEpochCallback(), *callbacks]
     mixings = mixing_objects(losses)
@@ -434,7 +609,7 @@ def run_stage(
         )
     if not dry_run:
         _check_writable(config)
-    run = build_stage(config, callbacks=callbacks)
+    run = build_stage(config, callbacks=callbacks, dry_run=dry_run)
     if dry_run:
         logger.info(
             "Dry run of %s: model %s (dim %d), tasks %s, %d training rows, losses %s; nothing trained.",

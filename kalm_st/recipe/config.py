@@ -106,6 +106,17 @@ class ModelConfig:
     attn_implementation: str | None = None
 
 
+TaskType = Literal[
+    "Retrieval",
+    "Reranking",
+    "STS",
+    "PairClassification",
+    "Classification",
+    "MultilabelClassification",
+    "Clustering",
+]
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """One training task (one dataset of the ``DatasetDict``; every batch comes from one task).
@@ -115,23 +126,61 @@ class TaskConfig:
     ``STSBenchmark``, ``Banking77Classification``); unknown names fall back to the ``type``'s instruction.
 
     Args:
-        path: A jsonl, csv or parquet file in :mod:`kalm_st.data.formats`' layout (relative to the working directory).
+        path: A jsonl, csv or parquet file, a glob of shards (``corpus/train-*.parquet``), a folder of shards, a
+            folder laid out as a Hub dataset repository, or a Hub dataset ``hf://datasets/ORG/NAME[/SUBFOLDER]``
+            (:mod:`kalm_st.data.sources`), in kalm-st's, KaLM / FlagEmbedding's or F2LLM's columns.
         type: The MTEB task type. ``Classification``, ``MultilabelClassification`` and ``Clustering`` data (example-
             based labels) train without in-batch negatives (METHOD.md §3) and put the instruction on every column.
         max_rows: Keep at most this many rows (the first ones), for smoke runs.
+        revision: The Hub revision (branch, tag or commit) of an ``hf://`` path.
+        in_batch_negatives: False trains the task on its own hard negatives only (default: off for the
+            classification types and for names ending in ``no_in_batch_neg``, on otherwise).
     """
 
     path: str
-    type: Literal[
-        "Retrieval",
-        "Reranking",
-        "STS",
-        "PairClassification",
-        "Classification",
-        "MultilabelClassification",
-        "Clustering",
-    ] = "Retrieval"
+    type: TaskType = "Retrieval"
     max_rows: int | None = None
+    revision: str | None = None
+    in_batch_negatives: bool | None = None
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """A folder or Hub dataset that becomes one task or one task per sub-folder (``data.sources`` entry).
+
+    Example (the paper's fine-tuning data, one task per sub-folder, instructions baked into the queries)::
+
+        data:
+          sources:
+            - path: hf://datasets/KaLM-Embedding/KaLM-embedding-finetuning-data
+              tasks: subfolders
+              max_rows_per_task: 100000
+              types: {Multi-CPR: Retrieval, banking77_no_in_batch_neg: Classification}
+
+    Args:
+        path: A local folder, glob or file, or ``hf://datasets/ORG/NAME[/SUBFOLDER]``.
+        tasks: ``subfolders``: one task per sub-folder (or per README ``configs:`` entry), named after it; ``one``:
+            the whole path is one task, named ``name`` (default: the last path component).
+        name: The task name for ``tasks: one``.
+        revision: Hub revision of an ``hf://`` path.
+        type: The task type of every task of the source (default: the data's FlagEmbedding ``type`` column, else
+            ``Retrieval``); ``types`` overrides it per task.
+        types: Task name -> task type.
+        instructions: Task name -> instruction (default: the instruction table, by task name then type). Queries
+            that already carry the KaLM template keep theirs unless ``data.instructed_queries`` says otherwise.
+        max_rows_per_task: Keep at most this many rows of each task (the first ones).
+        include: Only these sub-folders (default: all).
+    """
+
+    path: str
+    tasks: Literal["one", "subfolders"] = "one"
+    name: str | None = None
+    revision: str | None = None
+    type: TaskType | None = None
+    types: dict[str, TaskType] = field(default_factory=dict)
+    instructions: dict[str, str] = field(default_factory=dict)
+    max_rows_per_task: int | None = None
+    include: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,13 +194,21 @@ class DataConfig:
             :class:`kalm_st.sampling.TaskHomogeneousBatchSampler` fills the rest from the other tasks.
         length_aware: Group rows of similar length within a task (less padding), see the sampler.
         eval_tasks: Optional held-out tasks evaluated with the loss during training (``args.eval_strategy``).
+        sources: Folders or Hub datasets expanded into tasks (:class:`SourceConfig`), added to ``tasks``.
+        instructed_queries: KaLM / FlagEmbedding / F2LLM rows whose query already carries the KaLM template:
+            ``keep`` the row's instruction (default), ``replace`` it with the task's, or ``strip`` it (no instruction).
+        ragged_negatives: Rows with ``0 < len(neg) < num_negatives``: ``resample`` (seeded draws with replacement
+            from the row's own, the authors' behaviour) or ``drop`` the row.
     """
 
-    tasks: dict[str, TaskConfig]
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
     num_negatives: int | None = None
     homogeneous_ratio: float = 1.0
     length_aware: bool = False
     eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    sources: tuple[SourceConfig, ...] = ()
+    instructed_queries: Literal["keep", "strip", "replace"] = "keep"
+    ragged_negatives: Literal["resample", "drop"] = "resample"
 
 
 @dataclass(frozen=True)
@@ -407,8 +464,9 @@ def _check_stage(config: StageConfig) -> None:
         ratio = config.data.homogeneous_ratio
         if not 0.0 < ratio <= 1.0:
             raise ConfigError(f"{source}: data.homogeneous_ratio must be in (0, 1], got {ratio}.")
-        if not config.data.tasks:
+        if not config.data.tasks and not config.data.sources:
             raise ConfigError(f"{source}: data.tasks is empty.")
+        _check_sources(config)
         _check_sizes(config)
         _check_loss_name(config.loss, "loss", source)
     else:
@@ -449,6 +507,24 @@ def _check_sizes(config: StageConfig) -> None:
     for i, weight in enumerate(config.matryoshka.weights or ()):
         if not math.isfinite(weight) or weight < 0:  # a negative weight would maximise that dimension's loss
             raise ConfigError(f"{source}: matryoshka.weights[{i}] must be a finite number >= 0, got {weight}.")
+
+
+def _check_sources(config: StageConfig) -> None:
+    assert config.data is not None
+    for i, entry in enumerate(config.data.sources):
+        key = f"{config.source}: data.sources[{i}]"
+        if not entry.path.strip():
+            raise ConfigError(f"{key}.path is empty.")
+        if entry.path.startswith("hf://") and not entry.path.startswith("hf://datasets/"):
+            raise ConfigError(
+                f"{key}.path {entry.path!r}: a Hub dataset is written hf://datasets/ORG/NAME[/SUBFOLDER]."
+            )
+        if entry.max_rows_per_task is not None and entry.max_rows_per_task < 1:
+            raise ConfigError(f"{key}.max_rows_per_task must be >= 1 (or null), got {entry.max_rows_per_task}.")
+        if entry.tasks == "subfolders" and entry.name is not None:
+            raise ConfigError(f"{key}.name is for tasks: one (sub-folders are named after themselves).")
+        if entry.tasks == "one" and entry.include:
+            raise ConfigError(f"{key}.include is for tasks: subfolders.")
 
 
 def _check_loss_name(loss: LossConfig, key: str, source: str) -> None:
@@ -537,6 +613,7 @@ __all__ = [
     "MatryoshkaConfig",
     "ModelConfig",
     "SoupConfig",
+    "SourceConfig",
     "StageConfig",
     "TaskConfig",
     "apply_overrides",

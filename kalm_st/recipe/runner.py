@@ -20,6 +20,7 @@ reports every problem at once; what it cannot check offline (Hub ids) is listed.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -42,6 +43,9 @@ RUNNING = "running.json"
 HASH_LIMIT = 64 * 2**20
 """Local files up to this size are fingerprinted by content; larger ones (and folder members) by size + mtime."""
 _REMOTE_PREFIXES = ("hf://", "builtin:")
+_FILE_SUFFIXES = frozenset(
+    {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".yaml", ".yml", ".txt", ".safetensors", ".bin", ".pt", ".gguf"}
+)
 _VERSION_PACKAGES = ("kalm-st", "torch", "transformers", "sentence-transformers", "datasets", "mteb")
 
 
@@ -102,7 +106,12 @@ def is_remote(value: str, *, model: bool) -> bool:
     path. Data inputs are local files unless they say ``hf://``."""
     if value.startswith(_REMOTE_PREFIXES):
         return True
-    hub_id = value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).suffix
+    # "Qwen/Qwen2-0.5B" is a Hub id: only a file suffix (".jsonl", ".yaml", ...) makes "x/y.z" a local path
+    hub_id = (
+        value.count("/") == 1
+        and not value.startswith((".", "/", "~"))
+        and Path(value).suffix.lower() not in _FILE_SUFFIXES
+    )
     return model and hub_id and not Path(value).exists()
 
 
@@ -218,6 +227,12 @@ def plan_recipe(recipe: Recipe) -> tuple[list[StepPlan], list[str], list[str]]:
             if is_remote(value, model=is_model):
                 unchecked.append(f"step {step.name!r}: {value}")
                 input_fingerprints[value] = f"id:{value}"
+            elif not is_model and any(c in value for c in "*?["):  # a glob of shards
+                matches = sorted(glob.glob(value, recursive=True))
+                if not matches:
+                    problems.append(f"{recipe.path}: step {step.name!r}: input {value!r} matches no file.")
+                else:
+                    input_fingerprints[value] = _sha256(json.dumps([path_fingerprint(m) for m in matches]).encode())
             elif not Path(value).exists():
                 problems.append(f"{recipe.path}: step {step.name!r}: input {value!r} does not exist.")
             else:

@@ -165,6 +165,7 @@ def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
     if config.data is not None:
         inputs += [(task.path, False) for task in config.data.tasks.values()]
         inputs += [(task.path, False) for task in config.data.eval_tasks.values()]
+        inputs += [(source.path, False) for source in config.data.sources]
     if config.soup is not None:
         inputs += [(path, True) for path in config.soup.models]
     return inputs
