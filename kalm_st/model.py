@@ -35,6 +35,14 @@ DEFAULT_MAX_SEQ_LENGTH = 512
 MATRYOSHKA_DIMS: tuple[int, ...] = (896, 512, 256, 128, 64)
 """KaLM-V2's Matryoshka dimensions for the 896-d Qwen2-0.5B [read, authors' train script]."""
 
+TEXT_MODALITY_CONFIG: dict[str, dict[str, str]] = {
+    "text": {"method": "forward", "method_output_name": "last_hidden_state"}
+}
+"""The Transformer module's plain-text modality. sentence-transformers 6 adds a ``"message"`` modality when the
+tokenizer has a chat template (the real Qwen2 tokenizer does) and then renders every input through it, the
+instruction as a system message. KaLM embeds ``instruction + text`` as plain text, as vLLM, text-embeddings-inference,
+llama.cpp and the ONNX encoder do, so kalm-st models pin the text modality."""
+
 # Written into config_sentence_transformers.json after every save: sentence-transformers checks it at load time and
 # raises a clear ImportError on a transformers that would run the model causally (it drops the key itself on save).
 MODEL_REQUIREMENTS: dict[str, dict[str, str]] = {
@@ -235,7 +243,13 @@ def build_model(
                 raise FileNotFoundError(
                     f"Backbone folder {source!r} has no config.json: not a transformers checkpoint."
                 )
-        transformer = BidirectionalDecoder(source, max_seq_length=max_seq_length, model_kwargs=model_kwargs)
+        transformer = BidirectionalDecoder(
+            source,
+            max_seq_length=max_seq_length,
+            model_kwargs=model_kwargs,
+            modality_config=TEXT_MODALITY_CONFIG,
+            module_output_name="token_embeddings",
+        )
         pooling = MeanPooling(transformer.get_embedding_dimension(), include_prompt=include_prompt)
         model = KaLMSentenceTransformer(
             modules=[transformer, pooling, Normalize()],
