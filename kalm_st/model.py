@@ -27,6 +27,7 @@ from kalm_st.modules.bidirectional_decoder import (
     require_bidirectional_support,
 )
 from kalm_st.modules.mean_pooling import MeanPooling
+from kalm_st.serving.runtime_files import write_runtime_files
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ def make_portable(path: str | os.PathLike[str]) -> None:
     """Rewrite a saved model folder so plain ``SentenceTransformer(path)`` loads it without ``trust_remote_code``.
 
     kalm-st modules subclass stock ones and add behaviour only, so each is recorded under its stock ancestor (and
-    its stock folder name); the transformers floor goes into ``config_sentence_transformers.json``.
+    its stock folder name); the transformers floor goes into ``config_sentence_transformers.json``. Then
+    :func:`kalm_st.serving.runtime_files.write_runtime_files` writes what vLLM, text-embeddings-inference and
+    llama.cpp need to read the folder as sentence-transformers does (legacy module paths, the dual-format pooling
+    file, ``max_seq_length``, ``use_bidirectional_attention``).
     """
     folder = Path(path)
     modules_path = folder / "modules.json"
@@ -87,6 +91,7 @@ def make_portable(path: str | os.PathLike[str]) -> None:
     config = json.loads(config_path.read_text(encoding="utf8")) if config_path.exists() else {}
     config["requirements"] = MODEL_REQUIREMENTS
     write_json_atomic(config_path, config)
+    write_runtime_files(folder)
 
 
 def _import_class(class_ref: str) -> type:
