@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch.onnx exporter: torchscript (default, ~10x faster here) or dynamo (torch.export)",
     )
     parser.add_argument("--output", default=None, help="output folder (default MODEL/onnx)")
+    parser.add_argument(
+        "--int8-min-cosine",
+        type=float,
+        default=0.99,
+        help="parity floor of the int8 graph vs PyTorch (default 0.99); below it model_int8.onnx is not kept",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -35,7 +41,12 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         result = export_onnx(
-            args.model, quantize=args.quantize, opset=args.opset, exporter=args.exporter, output_dir=args.output
+            args.model,
+            quantize=args.quantize,
+            opset=args.opset,
+            exporter=args.exporter,
+            output_dir=args.output,
+            int8_min_cosine=args.int8_min_cosine,
         )
     except ONNXExportError as error:
         print(f"kalm-st export: parity check failed: {error}", file=sys.stderr)  # noqa: T201

@@ -227,3 +227,16 @@ class TestBadInput:
             encoder.encode(["a"], prompt_name="nope")
         with pytest.raises(ValueError, match="truncate_dim must be in 1..64"):
             encoder.encode(["a"], truncate_dim=65)
+
+
+def test_an_int8_graph_below_its_floor_is_dropped_and_float32_kept(tiny_model, tmp_path, capsys):
+    tiny_model.save(str(tmp_path / "m"))
+    # A floor no int8 graph can reach (cosine <= 1): the check must refuse it.
+    assert main(["export", str(tmp_path / "m"), "--quantize", "int8", "--int8-min-cosine", "1.01"]) == 1
+    error = capsys.readouterr().err
+    assert "int8 ONNX graph" in error and "model_int8.onnx was not kept" in error
+    onnx_dir = tmp_path / "m" / "onnx"
+    assert (onnx_dir / "model.onnx").is_file() and not (onnx_dir / "model_int8.onnx").exists()
+    manifest = json.loads((onnx_dir / "kalm_st_onnx.json").read_text())
+    assert manifest["files"] == {"float32": "model.onnx"} and list(manifest["parity"]) == ["float32"]
+    np.testing.assert_allclose(ONNXEncoder(tmp_path / "m").encode(TEXTS), tiny_model.encode(TEXTS), atol=1e-5)
