@@ -44,6 +44,8 @@ class ONNXEncoder:
         providers: onnxruntime execution providers (default ``["CPUExecutionProvider"]``).
         intra_op_num_threads: onnxruntime threads (default: onnxruntime's choice, one per physical core).
         padding_side: ``"right"`` / ``"left"``; default the model tokenizer's.
+        session_options: An ``onnxruntime.SessionOptions`` to start from (e.g. with spinning threads turned off
+            when other work shares the CPU).
 
     Example::
 
@@ -63,6 +65,7 @@ class ONNXEncoder:
         providers: Sequence[str] | None = None,
         intra_op_num_threads: int | None = None,
         padding_side: str | None = None,
+        session_options: Any = None,
     ) -> None:
         folder = Path(model_path)
         if not folder.is_dir():
@@ -93,7 +96,7 @@ class ONNXEncoder:
                 f"ONNXEncoder needs onnxruntime and tokenizers ({error}): pip install 'kalm-st[onnx]'."
             ) from error
 
-        options = onnxruntime.SessionOptions()
+        options = session_options or onnxruntime.SessionOptions()
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
         self.session = onnxruntime.InferenceSession(
