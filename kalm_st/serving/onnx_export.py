@@ -128,7 +128,7 @@ def _torch_export(graph, sample: dict[str, np.ndarray], path: Path, exporter: Ex
             axes |= {"last_hidden_state": {0: "batch", 1: "sequence"}, "sentence_embedding": {0: "batch"}}
             try:
                 torch.onnx.export(graph, args, str(path), dynamo=False, dynamic_axes=axes, **common)
-            except TypeError as error:  # a torch without the TorchScript exporter
+            except (TypeError, NotImplementedError) as error:  # a torch without the TorchScript exporter
                 raise ImportError(
                     f"This torch ({torch.__version__}) cannot run the TorchScript ONNX exporter ({error}); "
                     "use exporter='dynamo' (`--exporter dynamo`)."
