@@ -57,7 +57,7 @@ PROBE_TEXTS: tuple[str, ...] = (
 
 
 class ONNXExportError(RuntimeError):
-    """The exported graph does not reproduce the PyTorch model (nothing was written)."""
+    """An exported graph does not reproduce the PyTorch model (see :func:`export_onnx` for what was kept)."""
 
 
 @dataclass

@@ -240,3 +240,13 @@ def test_an_int8_graph_below_its_floor_is_dropped_and_float32_kept(tiny_model, t
     manifest = json.loads((onnx_dir / "kalm_st_onnx.json").read_text())
     assert manifest["files"] == {"float32": "model.onnx"} and list(manifest["parity"]) == ["float32"]
     np.testing.assert_allclose(ONNXEncoder(tmp_path / "m").encode(TEXTS), tiny_model.encode(TEXTS), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_gives_the_same_parity(tiny_model, tmp_path):
+    """``--exporter dynamo`` (torch.export); slow (~15 s for the tiny model), so opt-in."""
+    tiny_model.save(str(tmp_path / "m"))
+    assert main(["export", str(tmp_path / "m"), "--exporter", "dynamo"]) == 0
+    manifest = json.loads((tmp_path / "m" / "onnx" / "kalm_st_onnx.json").read_text())
+    assert manifest["exporter"] == "dynamo" and manifest["opset"] == 18
+    np.testing.assert_allclose(ONNXEncoder(tmp_path / "m").encode(TEXTS), tiny_model.encode(TEXTS), atol=1e-5)
