@@ -14,35 +14,37 @@ from kalm_st.instructions import RETRIEVAL_INSTRUCTION, format_instruction
 
 @dataclass(frozen=True)
 class RuntimeCheck:
-    """One runtime: the version (or commit) it was checked against, how, and when."""
+    """One runtime: the version (or commit and file) it was checked against, how, and when."""
 
     name: str
     version: str
     checked: str  # "run" or "read"
     date: str
+    source_file: str = ""
 
     @property
     def note(self) -> str:
         if self.checked == "run":
-            return f"checked against {self.version} (run by kalm-st's tests, {self.date})"
-        return f"checked against {self.version}: read from its source on {self.date}, not run"
+            return f"checked against {self.version}, run by kalm-st's tests on {self.date}"
+        return f"checked against {self.version}, `{self.source_file}` read on {self.date}, not run"
 
 
 RUNTIME_CHECKS: dict[str, RuntimeCheck] = {
     "sentence-transformers": RuntimeCheck(
-        "sentence-transformers", "sentence-transformers 6.2.0 + transformers 5.24.0", "run", "2026-12-01"
+        "sentence-transformers", "sentence-transformers 6.2.0 with transformers 5.24.0", "run", "2026-12-01"
     ),
     "vllm": RuntimeCheck(
-        "vLLM", "vllm-project/vllm@0036026e (vllm/transformers_utils/config.py)", "read", "2026-12-01"
+        "vLLM", "vllm-project/vllm@0036026e", "read", "2026-12-01", "vllm/transformers_utils/config.py"
     ),
     "tei": RuntimeCheck(
         "text-embeddings-inference",
-        "huggingface/text-embeddings-inference@a28ad28f (router/src/lib.rs)",
+        "huggingface/text-embeddings-inference@a28ad28f",
         "read",
         "2026-12-01",
+        "router/src/lib.rs",
     ),
     "llama.cpp": RuntimeCheck(
-        "llama.cpp", "ggml-org/llama.cpp@0024aa74 (convert_hf_to_gguf.py)", "read", "2026-12-01"
+        "llama.cpp", "ggml-org/llama.cpp@0024aa74", "read", "2026-12-01", "convert_hf_to_gguf.py"
     ),
     "onnxruntime": RuntimeCheck(
         "ONNX Runtime", "onnxruntime 1.32.0 (kalm-st export + ONNXEncoder)", "run", "2026-12-01"
@@ -64,7 +66,7 @@ legacy module paths in `modules.json` and `max_seq_length` in `sentence_bert_con
 sentence-transformers and the ONNX encoder do not apply the prompt table: prepend the query instruction
 (`{prompt_literal}`) to queries yourself; documents take none.
 
-**sentence-transformers** ({c["sentence-transformers"].note}):
+**sentence-transformers**: {c["sentence-transformers"].note}.
 
 ```python
 from sentence_transformers import SentenceTransformer
@@ -72,31 +74,32 @@ model = SentenceTransformer("{repo_id}")
 embeddings = model.encode_query(["how do I reset my card PIN?"])
 ```
 
-**vLLM** ({c["vllm"].note}). Releases with the 2026-08-31 pooling fix read the pooling file directly; older ones
-read the legacy module paths this folder also carries:
+**vLLM**: {c["vllm"].note}. Releases with the 2026-08-31 pooling fix read the pooling file directly; older ones
+read the legacy module paths this folder also carries.
 
 ```bash
 vllm serve {repo_id} --runner pooling
 ```
 
-**text-embeddings-inference** ({c["tei"].note}). Qwen2 runs on CUDA with flash attention only; pass the pooling
-explicitly. TEI applies the prompt table with `"prompt_name": "query"` in the request. For Qwen2 models it appends
+**text-embeddings-inference**: {c["tei"].note}. Qwen2 runs on CUDA with flash attention only; pass the pooling
+explicitly. TEI loads the prompt table (`--default-prompt-name query` applies the query prompt to every input, so
+run a second server without it for documents). For Qwen2 models it appends
 `<|endoftext|>` to every input, which sentence-transformers does not: expect small differences.
 
 ```bash
 text-embeddings-router --model-id {repo_id} --pooling mean
 ```
 
-**llama.cpp** ({c["llama.cpp"].note}). The converter writes `attention.causal = false` and mean pooling; say so
-again at run time:
+**llama.cpp**: {c["llama.cpp"].note}. The converter writes `attention.causal = false` and mean pooling; say so
+again at run time.
 
 ```bash
 python convert_hf_to_gguf.py ./{repo_id.split("/")[-1]} --outfile model.gguf
 llama-server -m model.gguf --embeddings --pooling mean --attention non-causal
 ```
 
-**ONNX Runtime** ({c["onnxruntime"].note}), no torch needed at serving time; the export checks its parity with
-PyTorch before it keeps the files:
+**ONNX Runtime**: {c["onnxruntime"].note}. No torch at serving time; the export checks its parity with PyTorch
+before it keeps the files.
 
 ```bash
 pip install 'kalm-st[onnx]'

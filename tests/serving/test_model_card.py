@@ -27,7 +27,7 @@ def test_card_has_a_serving_section_with_commands_and_versions(tiny_model):
     for check in RUNTIME_CHECKS.values():
         assert check.version in serving
         assert ("not run" in check.note) == (check.checked == "read")
-    assert serving.count("read from its source on 2026-12-01, not run") == 3  # vLLM, TEI, llama.cpp
+    assert serving.count("read on 2026-12-01, not run") == 3  # vLLM, TEI, llama.cpp
     # The query instruction users must prepend themselves is the model's own.
     assert tiny_model.prompts["query"].replace("\n", "\\n") in serving
 
