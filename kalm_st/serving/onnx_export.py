@@ -185,7 +185,7 @@ def check_parity(
     for side in sides:
         encoder = ONNXEncoder(onnx_dir, file_name=file_name, padding_side=side)
         for text in texts:
-            expected = model.tokenizer([prompt + text])["input_ids"][0]
+            expected = model.preprocess([text], prompt=prompt)["input_ids"][0].tolist()  # what ST feeds the model
             got = encoder.tokenize([text], prompt)["input_ids"][0].tolist()
             if got != expected:
                 raise ONNXExportError(

@@ -250,3 +250,16 @@ def test_dynamo_exporter_gives_the_same_parity(tiny_model, tmp_path):
     manifest = json.loads((tmp_path / "m" / "onnx" / "kalm_st_onnx.json").read_text())
     assert manifest["exporter"] == "dynamo" and manifest["opset"] == 18
     np.testing.assert_allclose(ONNXEncoder(tmp_path / "m").encode(TEXTS), tiny_model.encode(TEXTS), atol=1e-5)
+
+
+def test_truncation_matches_the_models_max_seq_length(tiny_model, tmp_path):
+    tiny_model.max_seq_length = 16
+    tiny_model.save(str(tmp_path / "m"))
+    assert main(["export", str(tmp_path / "m")]) == 0
+    long_texts = [" ".join(TEXTS) * 3, TEXTS[2] * 2, "x"]
+    encoder = ONNXEncoder(tmp_path / "m")
+    assert encoder.max_seq_length == 16
+    assert encoder.tokenize(long_texts)["input_ids"].shape[1] == 16
+    # The query prompt is long too: truncation applies to prompt + text, as in sentence-transformers.
+    np.testing.assert_allclose(encoder.encode_query(long_texts), tiny_model.encode_query(long_texts), atol=1e-5)
+    np.testing.assert_allclose(encoder.encode(long_texts), tiny_model.encode(long_texts), atol=1e-5)
