@@ -123,9 +123,9 @@ class ONNXEncoder:
             pad_token=tokenizer_settings["pad_token"],
         )
 
-        # The model's own prompt table; an export outside the model folder carries a copy of it.
+        # The model's prompt table: the copy an export outside the model folder carries, else the model's own.
         st_config_path = next(
-            (p for p in (folder / "config_sentence_transformers.json", onnx_dir / "config_sentence_transformers.json")
+            (p for p in (onnx_dir / "config_sentence_transformers.json", folder / "config_sentence_transformers.json")
              if p.is_file()),
             None,
         )  # fmt: skip

@@ -207,6 +207,13 @@ class TestBadInput:
         assert main(["export", str(tmp_path / "dense")]) == 2
         assert "module 3 (Dense) cannot be exported" in capsys.readouterr().err
 
+    def test_chat_template_modality_is_refused(self, tiny_model):
+        from kalm_st.serving.onnx_graph import inspect_model
+
+        tiny_model[0].modality_config["message"] = {"method": "forward", "method_output_name": "last_hidden_state"}
+        with pytest.raises(ValueError, match="sentence_bert_config.json: the Transformer renders text through"):
+            inspect_model(tiny_model, "old-save")
+
     def test_unwritable_destination(self, exported, tmp_path, capsys):
         (tmp_path / "a-file").write_text("not a folder")
         assert main(["export", str(exported), "--output", str(tmp_path / "a-file" / "onnx")]) == 2
@@ -263,3 +270,11 @@ def test_truncation_matches_the_models_max_seq_length(tiny_model, tmp_path):
     # The query prompt is long too: truncation applies to prompt + text, as in sentence-transformers.
     np.testing.assert_allclose(encoder.encode_query(long_texts), tiny_model.encode_query(long_texts), atol=1e-5)
     np.testing.assert_allclose(encoder.encode(long_texts), tiny_model.encode(long_texts), atol=1e-5)
+
+
+def test_export_to_another_folder_carries_the_prompt_table(exported, tiny_model, tmp_path):
+    (tmp_path / "config_sentence_transformers.json").write_text('{"prompts": {"query": "unrelated: "}}')
+    assert main(["export", str(exported), "--output", str(tmp_path / "served")]) == 0
+    encoder = ONNXEncoder(tmp_path / "served")
+    assert encoder.prompts == tiny_model.prompts
+    np.testing.assert_allclose(encoder.encode_query(TEXTS), tiny_model.encode_query(TEXTS), atol=1e-5)
