@@ -28,6 +28,7 @@ from kalm_st.modules.bidirectional_decoder import (
 )
 from kalm_st.modules.mean_pooling import MeanPooling
 from kalm_st.precision import use_bf16
+from kalm_st.serving.runtime_files import write_runtime_files
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ def make_portable(path: str | os.PathLike[str]) -> None:
     """Rewrite a saved model folder so plain ``SentenceTransformer(path)`` loads it without ``trust_remote_code``.
 
     kalm-st modules subclass stock ones and add behaviour only, so each is recorded under its stock ancestor (and
-    its stock folder name); the transformers floor goes into ``config_sentence_transformers.json``.
+    its stock folder name); the transformers floor goes into ``config_sentence_transformers.json``. Then
+    :func:`kalm_st.serving.runtime_files.write_runtime_files` writes what vLLM, text-embeddings-inference and
+    llama.cpp need to read the folder as sentence-transformers does (legacy module paths, the dual-format pooling
+    file, ``max_seq_length``, ``use_bidirectional_attention``).
     """
     folder = Path(path)
     modules_path = folder / "modules.json"
@@ -80,6 +84,7 @@ def make_portable(path: str | os.PathLike[str]) -> None:
     config = json.loads(config_path.read_text(encoding="utf8")) if config_path.exists() else {}
     config["requirements"] = MODEL_REQUIREMENTS
     write_json_atomic(config_path, config)
+    write_runtime_files(folder)
 
 
 def _import_class(class_ref: str) -> type:
@@ -250,7 +255,11 @@ def build_model(
                 raise FileNotFoundError(
                     f"Backbone folder {source!r} has no config.json: not a transformers checkpoint."
                 )
-        transformer = BidirectionalDecoder(source, max_seq_length=max_seq_length, model_kwargs=model_kwargs)
+        transformer = BidirectionalDecoder(
+            source,
+            max_seq_length=max_seq_length,
+            model_kwargs=model_kwargs,
+        )  # pinned to plain-text input (no chat template): see BidirectionalDecoder
         pooling = MeanPooling(transformer.get_embedding_dimension(), include_prompt=include_prompt)
         model = KaLMSentenceTransformer(
             modules=[transformer, pooling, Normalize()],

@@ -1,5 +1,6 @@
 """Publishing: a real model card (recipe, losses with hyperparameters and citations, data, MTEB results as
-``model-index``, usage with the query/document prompts, license) and the push, with ``huggingface_hub``.
+``model-index``, usage with the query/document prompts, serving commands per runtime, license) and the push, with
+``huggingface_hub``.
 
 The token comes only from ``HF_TOKEN`` or ``hf auth login`` (``HfApi()`` reads them); it is never a parameter,
 never logged. Offline or unauthenticated use raises :class:`HubPushError` with what to do.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kalm_st.instructions import RETRIEVAL_INSTRUCTION, SYMMETRIC_INSTRUCTION, format_instruction
+from kalm_st.serving.runtimes import serving_section
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult, ModelCard
@@ -260,6 +262,7 @@ print(model.similarity(queries, documents))
 pair = model.encode(["A man plays a guitar.", "Someone is playing guitar."], prompt={sts_prompt!r})
 ```
 
+{serving_section(repo_id, query_prompt)}
 {_recipe_section(training_configs)}
 ## MTEB results
 

@@ -22,7 +22,10 @@ MIN_TRANSFORMERS_VERSION = "5.2.0"
 TEXT_ONLY_MODALITY: dict[str, dict[str, str]] = {
     "text": {"method": "forward", "method_output_name": "last_hidden_state"}
 }
-"""sentence-transformers' ``modality_config`` for plain text only (no chat-template "message" mode)."""
+"""sentence-transformers' ``modality_config`` for plain text only. sentence-transformers 6 adds a ``"message"``
+modality when the tokenizer has a chat template (the real Qwen2 tokenizer does) and then renders every input through
+it, the instruction as a system message. KaLM embeds ``instruction + text`` as plain text, as vLLM,
+text-embeddings-inference, llama.cpp and the ONNX encoder do, so kalm-st models pin the text modality."""
 
 _TRANSFORMERS_SUPPORTS_IS_CAUSAL_FALSE = Version(transformers.__version__) >= Version(MIN_TRANSFORMERS_VERSION)
 

@@ -1,0 +1,117 @@
+"""Which serving runtime was checked how, and the exact commands for each: one table for the model card and the docs.
+
+``checked`` says honestly what was done: ``"run"`` means the kalm-st tests or benchmarks ran that runtime on this
+project's machines; ``"read"`` means its source was read at the given commit and date and the files a kalm-st save
+writes were checked against what that source parses (``tests/serving/_runtime_readers.py``), without running it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kalm_st.instructions import RETRIEVAL_INSTRUCTION, format_instruction
+
+
+@dataclass(frozen=True)
+class RuntimeCheck:
+    """One runtime: the version (or commit and file) it was checked against, how, and when."""
+
+    name: str
+    version: str
+    checked: str  # "run" or "read"
+    date: str
+    source_file: str = ""
+
+    @property
+    def note(self) -> str:
+        if self.checked == "run":
+            return f"checked against {self.version}, run by kalm-st's tests on {self.date}"
+        return f"checked against {self.version}, `{self.source_file}` read on {self.date}, not run"
+
+
+RUNTIME_CHECKS: dict[str, RuntimeCheck] = {
+    "sentence-transformers": RuntimeCheck(
+        "sentence-transformers", "sentence-transformers 6.2.0 with transformers 5.24.0", "run", "2026-12-01"
+    ),
+    "vllm": RuntimeCheck(
+        "vLLM", "vllm-project/vllm@0036026e", "read", "2026-12-01", "vllm/transformers_utils/config.py"
+    ),
+    "tei": RuntimeCheck(
+        "text-embeddings-inference",
+        "huggingface/text-embeddings-inference@a28ad28f",
+        "read",
+        "2026-12-01",
+        "router/src/lib.rs",
+    ),
+    "llama.cpp": RuntimeCheck(
+        "llama.cpp", "ggml-org/llama.cpp@0024aa74", "read", "2026-12-01", "convert_hf_to_gguf.py"
+    ),
+    "onnxruntime": RuntimeCheck(
+        "ONNX Runtime", "onnxruntime 1.32.0 (kalm-st export + ONNXEncoder)", "run", "2026-12-01"
+    ),
+}
+
+
+def serving_section(repo_id: str, query_prompt: str | None = None) -> str:
+    """The model card's "Serving" section: a command per runtime and the version each was checked against."""
+    query_prompt = query_prompt or format_instruction(RETRIEVAL_INSTRUCTION)
+    prompt_literal = query_prompt.replace("\n", "\\n")
+    c = RUNTIME_CHECKS
+    return f"""## Serving
+
+The saved folder is plain sentence-transformers (no `trust_remote_code`). It carries what other runtimes need to
+embed as sentence-transformers does: `"is_causal": false` and `"use_bidirectional_attention": true` in
+`config.json` (bidirectional attention), a pooling file in both the current and the legacy format (mean pooling),
+legacy module paths in `modules.json` and `max_seq_length` in `sentence_bert_config.json`. Runtimes other than
+sentence-transformers and the ONNX encoder do not apply the prompt table: prepend the query instruction
+(`{prompt_literal}`) to queries yourself; documents take none.
+
+**sentence-transformers**: {c["sentence-transformers"].note}.
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("{repo_id}")
+embeddings = model.encode_query(["how do I reset my card PIN?"])
+```
+
+**vLLM**: {c["vllm"].note}. Releases with the 2026-08-31 pooling fix read the pooling file directly; older ones
+read the legacy module paths this folder also carries.
+
+```bash
+vllm serve {repo_id} --runner pooling
+```
+
+**text-embeddings-inference**: {c["tei"].note}. Qwen2 runs on CUDA with flash attention only; pass the pooling
+explicitly. TEI loads the prompt table (`--default-prompt-name query` applies the query prompt to every input, so
+run a second server without it for documents). For Qwen2 models it appends
+`<|endoftext|>` to every input, which sentence-transformers does not: expect small differences.
+
+```bash
+text-embeddings-router --model-id {repo_id} --pooling mean
+```
+
+**llama.cpp**: {c["llama.cpp"].note}. The converter writes `attention.causal = false` and mean pooling; say so
+again at run time.
+
+```bash
+python convert_hf_to_gguf.py ./{repo_id.split("/")[-1]} --outfile model.gguf
+llama-server -m model.gguf --embeddings --pooling mean --attention non-causal
+```
+
+**ONNX Runtime**: {c["onnxruntime"].note}. No torch at serving time; the export checks its parity with PyTorch
+before it keeps the files.
+
+```bash
+pip install 'kalm-st[onnx]'
+kalm-st export ./{repo_id.split("/")[-1]} --format onnx --quantize int8
+```
+
+```python
+from kalm_st.serving import ONNXEncoder
+encoder = ONNXEncoder("./{repo_id.split("/")[-1]}")  # quantized=True for model_int8.onnx
+embeddings = encoder.encode_query(["how do I reset my card PIN?"])
+```
+"""
+
+
+__all__ = ["RUNTIME_CHECKS", "RuntimeCheck", "serving_section"]

@@ -1,0 +1,39 @@
+"""The model card's "Serving" section: a command per runtime, each with what it was checked against and how."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import yaml
+
+from kalm_st.cli import build_parser
+from kalm_st.evaluation.hub import build_model_card
+from kalm_st.serving.runtimes import RUNTIME_CHECKS
+
+
+def test_card_has_a_serving_section_with_commands_and_versions(tiny_model):
+    card = str(build_model_card(tiny_model, "me/kalm-test"))
+    yaml.safe_load(card.split("---")[1])  # the metadata block still parses
+    serving = card[card.index("## Serving") : card.index("## Training recipe")]
+    for command in (
+        'SentenceTransformer("me/kalm-test")',
+        "vllm serve me/kalm-test --runner pooling",
+        "text-embeddings-router --model-id me/kalm-test --pooling mean",
+        "llama-server -m model.gguf --embeddings --pooling mean --attention non-causal",
+        "kalm-st export ./kalm-test --format onnx --quantize int8",
+    ):
+        assert command in serving, command
+    for check in RUNTIME_CHECKS.values():
+        assert check.version in serving
+        assert ("not run" in check.note) == (check.checked == "read")
+    assert serving.count("read on 2026-12-01, not run") == 3  # vLLM, TEI, llama.cpp
+    # The query instruction users must prepend themselves is the model's own.
+    assert tiny_model.prompts["query"].replace("\n", "\\n") in serving
+
+
+def test_the_cards_kalm_st_command_parses():
+    card_line = "kalm-st export ./kalm-test --format onnx --quantize int8"
+    args = build_parser().parse_args(shlex.split(card_line)[1:])
+    assert (args.command, args.format, args.quantize) == ("export", "onnx", "int8")
+    assert re.fullmatch(r"[\w./-]+", args.model)
