@@ -64,7 +64,8 @@ def test_wrong_types(override: str, expected: str) -> None:
 def test_misspelled_loss_name_is_caught_when_loading() -> None:
     assert _load_error(TINY, ["loss.name=focal_infonc"]) == (
         "loss.name 'focal_infonc' is unknown; did you mean 'focal_infonce'? (known: cached_focal_infonce, "
-        "cached_multiple_negatives_ranking, contrastive_distillation, focal_infonce, multiple_negatives_ranking)."
+        "cached_multiple_negatives_ranking, contrastive_distillation, embedding_distillation, focal_infonce, "
+        "multiple_negatives_ranking)."
     )
     assert _load_error(DISTILL, ["loss.base.name=focal"]).startswith("loss.base.name 'focal' is unknown (known: ")
 
