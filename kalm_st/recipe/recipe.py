@@ -39,22 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kalm_st.recipe.config import ConfigError, _build, apply_overrides, parse_yaml
+from kalm_st.recipe.config import ConfigError, TaskType, _build, apply_overrides, parse_yaml
 
 REFERENCE_PREFIX = "@"
 """``"@stage1"`` in a step's value is the output of the earlier step ``stage1``."""
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-
-TaskType = Literal[
-    "Retrieval",
-    "Reranking",
-    "STS",
-    "PairClassification",
-    "Classification",
-    "MultilabelClassification",
-    "Clustering",
-]
 
 
 @dataclass(frozen=True)
