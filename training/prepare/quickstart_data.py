@@ -9,12 +9,12 @@ Every file is in a format kalm-st reads (``kalm_st.data.formats``; mteb's local 
 | file | rows | what |
 |---|---|---|
 | ``stage1_sts.jsonl`` | 640 | weak pairs: STS-B train pairs scored >= 3 |
-| ``stage1_trecqa.jsonl`` | 512 | weak pairs: TrecQA train (question, correct answer) |
-| ``curate_sts.jsonl`` + ``corpus_sts.jsonl`` | 128 / corpus | STS-B train pairs scored >= 4, to filter and mine negatives for; the corpus is every sentence of 384 sampled train pairs |
-| ``curate_trecqa.jsonl`` + ``corpus_trecqa.jsonl`` | 24 questions / corpus | TrecQA train (question, correct answer); the corpus is every candidate answer of those questions (real retrieved negatives) |
+| ``stage1_trecqa.jsonl`` | 348 | weak pairs: TrecQA train (question, correct answer), all of them |
+| ``curate_sts.jsonl`` + ``corpus_sts.jsonl`` | 96 / corpus | STS-B train pairs scored >= 4, to filter and mine negatives for; the corpus is every sentence of 192 sampled train pairs |
+| ``curate_trecqa.jsonl`` + ``corpus_trecqa.jsonl`` | 16 questions / corpus | TrecQA train (question, correct answer); the corpus is every candidate answer of those questions (real retrieved negatives) |
 | ``banking77_sample.csv`` | 128 | a class-balanced Banking77 train sample (16 intents x 8 texts), to label example-based |
-| ``eval/stsb/test.csv`` | 300 | held-out STS-B test pairs (mteb's STSBenchmark on local files) |
-| ``eval/trecqa/test.csv`` | 30 questions | held-out TrecQA test questions with their candidates (TrecQAReranking) |
+| ``eval/stsb/test.csv`` | 200 | held-out STS-B test pairs (mteb's STSBenchmark on local files) |
+| ``eval/trecqa/test.csv`` | 20 questions | held-out TrecQA test questions with their candidates (TrecQAReranking) |
 """
 
 from __future__ import annotations
@@ -69,11 +69,11 @@ def curation() -> None:
     rng = random.Random(0)
     pairs = _csv(SOURCE / "stsb" / "train.csv", header=False)
     rng.shuffle(pairs)
-    strong = [r for r in pairs if float(r[2]) >= 4.0][:128]
-    corpus = sorted({t for r in pairs[:384] for t in r[:2]} | {r[1] for r in strong})
+    strong = [r for r in pairs if float(r[2]) >= 4.0][:96]
+    corpus = sorted({t for r in pairs[:192] for t in r[:2]} | {r[1] for r in strong})
     _jsonl(TARGET / "curate_sts.jsonl", [{"task": STS_TASK, "anchor": r[0], "positive": r[1]} for r in strong])
     _jsonl(TARGET / "corpus_sts.jsonl", [{"text": t} for t in corpus])
-    questions = list(_trecqa("train").items())[:24]
+    questions = list(_trecqa("train").items())[:16]
     rows = [{"task": TRECQA_TASK, "anchor": q, "positive": p} for q, e in questions for p in e["pos"]]
     _jsonl(TARGET / "curate_trecqa.jsonl", rows)
     _jsonl(
@@ -96,11 +96,11 @@ def curation() -> None:
 
 
 def evaluation() -> None:
-    sts = _csv(SOURCE / "stsb" / "test.csv", header=False)[:300]
+    sts = _csv(SOURCE / "stsb" / "test.csv", header=False)[:200]
     (TARGET / "eval" / "stsb").mkdir(parents=True, exist_ok=True)
     with (TARGET / "eval" / "stsb" / "test.csv").open("w", encoding="utf8", newline="") as handle:
         csv.writer(handle).writerows(sts)
-    answered = [q for q, e in _trecqa("test").items() if e["pos"] and e["neg"]][:30]
+    answered = [q for q, e in _trecqa("test").items() if e["pos"] and e["neg"]][:20]
     keep = set(answered)
     (TARGET / "eval" / "trecqa").mkdir(parents=True, exist_ok=True)
     with (TARGET / "eval" / "trecqa" / "test.csv").open("w", encoding="utf8", newline="") as handle:
