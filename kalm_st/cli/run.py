@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         table = scores_table(recipe)
         if table:
             print(table)  # noqa: T201
-    if report.unchecked:
+    if args.dry_run and report.unchecked:
         print("not checked offline (remote):", file=sys.stderr)  # noqa: T201
         for item in report.unchecked:
             print(f"  {item}", file=sys.stderr)  # noqa: T201

@@ -224,7 +224,9 @@ def plan_recipe(recipe: Recipe) -> tuple[list[StepPlan], list[str], list[str]]:
         for value, is_model in inputs:
             if value in produced:
                 continue  # an earlier step's output: its fingerprint is already in the resolved config
-            if is_remote(value, model=is_model):
+            if value.startswith("builtin:"):  # shipped with kalm-st or a wheel: nothing to check
+                input_fingerprints[value] = f"id:{value}"
+            elif is_remote(value, model=is_model):
                 unchecked.append(f"step {step.name!r}: {value}")
                 input_fingerprints[value] = f"id:{value}"
             elif not is_model and any(c in value for c in "*?["):  # a glob of shards
