@@ -337,14 +337,29 @@ def run_push(ctx: StepContext) -> dict[str, Any]:
     return {"url": result.url, "files": len(result.files)}
 
 
+def _encoding_in_cpu_bf16(run: Callable[[StepContext], dict[str, Any]]) -> Callable[[StepContext], dict[str, Any]]:
+    """Run an encoding step under CPU bf16 autocast where the CPU computes bf16 fast (AMX), as training does with
+    ``args.bf16: auto``; fp32 elsewhere (``kalm_st.precision``). A GPU model is already in its own dtype."""
+
+    def wrapped(ctx: StepContext) -> dict[str, Any]:
+        import torch
+
+        from kalm_st.precision import cpu_autocast
+
+        with cpu_autocast("auto" if not torch.cuda.is_available() else False):
+            return run(ctx)
+
+    return wrapped
+
+
 RUNNERS: Mapping[str, Callable[[StepContext], dict[str, Any]]] = {
     "train": run_train,
-    "mine": run_mine,
-    "filter": run_filter,
+    "mine": _encoding_in_cpu_bf16(run_mine),
+    "filter": _encoding_in_cpu_bf16(run_filter),
     "label": run_label,
-    "teacher-score": run_teacher_score,
+    "teacher-score": run_teacher_score,  # teacher scores stay in fp32
     "soup": run_soup,
-    "eval": run_eval,
+    "eval": _encoding_in_cpu_bf16(run_eval),
     "push": run_push,
 }
 
