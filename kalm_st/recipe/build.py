@@ -630,8 +630,9 @@ def run_stage(
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
         load_mixing_state(mixing_objects(run.losses), checkpoint)
-        if distillation_losses(run.losses):
-            load_projection_state(distillation_losses(run.losses), checkpoint)
+        projected = distillation_losses(run.losses)
+        if projected:
+            load_projection_state(projected, checkpoint)
     final = config.final_model_dir
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
