@@ -110,8 +110,9 @@ def _mine(args: argparse.Namespace) -> int:
             corpus_prompt=corpus_prompt,
             output_scores=args.scores,
             batch_size=args.batch_size,
-            use_faiss=args.faiss,
+            use_faiss=True if args.faiss else None,
             cache_folder=args.cache_dir,
+            chunk_size=args.chunk_size,
             seed=args.seed,
         )
         logger.info(
@@ -132,7 +133,8 @@ def _filter(args: argparse.Namespace) -> int:
         query_prompt, corpus_prompt = _prompts(dataset, task, task_types, args)
         out[task], report = filter_by_rank(
             dataset, model, top_k=args.top_k, query_prompt=query_prompt, corpus_prompt=corpus_prompt,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, cache_folder=args.cache_dir, chunk_size=args.chunk_size,
+            use_faiss=True if args.faiss else None,
         )  # fmt: skip
         logger.info("filter: task %r: %s", task, report)
         total, dropped = total + report.total, dropped + report.dropped
@@ -218,6 +220,14 @@ def _teacher_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--faiss", action="store_true", help="require faiss for retrieval (default: when installed)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="embedding store: encoded chunks are kept here, a rerun resumes"
+    )
+    parser.add_argument("--chunk-size", type=int, default=8192, help="texts per resumable chunk")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     mine = subparsers.add_parser("mine", help="mine hard negatives (KaLM: ranks 50-100, 7 negatives, random)")
     _common(mine, "the previous-stage embedding model")
@@ -226,14 +236,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mine.add_argument("--num-negatives", type=int, default=7)
     mine.add_argument("--sampling", choices=["random", "top"], default="random")
     mine.add_argument("--scores", action="store_true", help="store the miner's scores in the label column")
-    mine.add_argument("--faiss", action="store_true", help="use faiss for retrieval (needs faiss installed)")
-    mine.add_argument("--cache-dir", default=None, help="cache embeddings here")
+    _search_options(mine)
     mine.add_argument("--seed", type=int, default=0)
     mine.set_defaults(func=_mine)
 
     filt = subparsers.add_parser("filter", help="drop examples whose positive is not in the top k (default 50)")
     _common(filt)
     filt.add_argument("--top-k", type=int, default=50)
+    _search_options(filt)
     filt.set_defaults(func=_filter)
 
     label = subparsers.add_parser("label", help="labelled texts -> (text, same-class example, other-class examples)")

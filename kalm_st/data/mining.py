@@ -1,26 +1,47 @@
-"""Hard-negative mining with the previous-stage model (METHOD.md §5) on sentence-transformers' miner."""
+"""Hard-negative mining with the previous-stage model (METHOD.md §5), at any corpus size.
+
+The same selection as sentence-transformers' ``util.mine_hard_negatives`` (top ``range_max`` candidates after removing
+the query's positives, ``num_negatives`` sampled from ranks ``range_min .. range_max - 1``), built for corpora that
+do not fit in Python lists: embeddings go through the on-disk store of :mod:`kalm_st.data.embedding_store` (chunked,
+resumable, shared between steps that encode the same texts with the same model), the search through
+:mod:`kalm_st.data.retrieval` (exact; faiss when installed), and the selection is numpy over integer ids.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset
+from tqdm.auto import tqdm
+
+from kalm_st.data.candidates import build_pair_index, column_array, embed_index, rows_by_query
+from kalm_st.data.embedding_store import as_arrow_strings, text_keys
+from kalm_st.data.formats import negative_columns
+from kalm_st.data.retrieval import Searcher
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
+QUERY_CHUNK = 1024
+"""Queries searched and sampled together; the random draws are seeded per chunk of this many distinct queries."""
+
 
 def mine_hard_negatives(
     dataset: Dataset,
     model: SentenceTransformer,
     *,
-    corpus: Sequence[str] | None = None,
+    corpus: Sequence[str] | pa.Array | None = None,
     range_min: int = 50,
     range_max: int = 100,
     num_negatives: int = 7,
@@ -30,101 +51,142 @@ def mine_hard_negatives(
     output_scores: bool = False,
     exclude_query: bool = True,
     batch_size: int = 32,
-    use_faiss: bool = False,
+    use_faiss: bool | None = None,
     cache_folder: str | os.PathLike[str] | None = None,
+    chunk_size: int = 8192,
+    devices: Sequence[str] | None = None,
     seed: int = 0,
-    verbose: bool = False,
-    **kwargs: Any,
+    show_progress_bar: bool = True,
 ) -> Dataset:
-    """Mine hard negatives with sentence-transformers' ``util.mine_hard_negatives``, with KaLM's defaults.
+    """Mine ``num_negatives`` hard negatives per row, KaLM's defaults [read]: ranks 50-100, 7 negatives, random.
 
-    Retrieves the top ``range_max`` candidates of each anchor among ``corpus`` (default: the positives) and samples
-    ``num_negatives`` from the candidates ranked ``range_min .. range_max - 1`` (0-based, counted after removing the
-    query's positives and, with ``exclude_query``, the query's own text). KaLM [read]: ranks 50-100, 7 negatives,
-    random sampling.
-
-    sentence-transformers already guarantees that no positive of the query (any row with the same anchor text) is
-    returned. It does *not* exclude the query itself when the query's text is also in the corpus (symmetric data:
-    a sentence that is an anchor in one row and a positive in another); with ``exclude_query=True`` (default) such a
-    query is passed to ST as an extra positive of itself, which removes it from its own candidates without changing
-    the corpus, and the helper row is dropped from the result.
-
-    Returns:
-        ``Dataset(anchor, positive, negative_1..negative_n[, label])``: existing negatives of ``dataset`` are
-        replaced; rows for which fewer than ``num_negatives`` candidates exist in the range are dropped (ST's
-        behaviour, logged); ``label`` holds the mining model's ``[s(q, p), s(q, n_1), ...]`` if ``output_scores``.
-        Rows come grouped by anchor (ST's order).
+    Candidates of a row are the corpus texts (``corpus`` plus every positive of ``dataset``, deduplicated) ranked by
+    the model's similarity to the row's anchor, after removing every positive of that anchor (any row with the same
+    anchor text) and, with ``exclude_query`` (default), the anchor's own text (symmetric data: a sentence that is an
+    anchor in one row and a positive in another would otherwise be its own hardest negative). Ranks are 0-based and
+    counted after that removal; ``sampling_strategy="random"`` draws ``num_negatives`` distinct candidates of ranks
+    ``range_min .. range_max - 1`` uniformly (seeded), ``"top"`` takes the best of them.
 
     Prompts as in sentence-transformers: ``query_prompt`` / ``corpus_prompt`` ``None`` lets the model use its own
-    ``"query"`` / ``"document"`` prompt (a kalm-st model carries the retrieval instruction as ``"query"``), ``""``
-    adds nothing. To encode as training does, take them from :func:`kalm_st.instructions.column_prompts` (the
-    ``anchor`` and ``positive`` entries), as ``kalm-st mine`` does.
+    ``"query"`` / ``"document"`` prompt, ``""`` adds nothing; take them from :func:`kalm_st.instructions.column_prompts`
+    to encode as training does (``kalm-st mine`` does).
 
-    Extra ``kwargs`` go to ST's function (e.g. ``cross_encoder``, ``absolute_margin``, ``use_multi_process``).
-    Sampling is seeded with ``seed`` (ST samples with Python's ``random``; its global state is restored after).
+    Scale: embeddings are cached under ``cache_folder`` (memory-mapped parts of ``chunk_size`` texts: a killed run
+    resumes after its last finished chunk, and another step encoding the same texts with the same model reuses
+    them); the search is exact, blockwise in torch or with faiss (``use_faiss``: None = when installed); encoding
+    spreads over several GPUs when present (``devices``, sentence-transformers' multi-process pool).
+
+    Returns:
+        ``Dataset(anchor, positive, negative_1..negative_n[, label])`` in the input's row order; rows whose positive
+        equals the anchor, and rows with fewer than ``num_negatives`` candidates in the range, are dropped (logged);
+        ``label`` holds the model's ``[s(q, p), s(q, n_1), ...]`` if ``output_scores``. With ``cache_folder`` the
+        result is an Arrow file there (memory-mapped), else in memory.
     """
-    from sentence_transformers.util import mine_hard_negatives as st_mine_hard_negatives
-
-    for column in ("anchor", "positive"):
-        if column not in dataset.column_names:
-            raise ValueError(f"mine_hard_negatives: missing column {column!r} (have {dataset.column_names})")
-    pairs = dataset.select_columns(["anchor", "positive"])
-    anchors, positives = list(pairs["anchor"]), list(pairs["positive"])
-    self_pairs = [i for i, (a, p) in enumerate(zip(anchors, positives, strict=True)) if a == p]
-    if self_pairs:
-        logger.warning("mine_hard_negatives: dropping %d row(s) whose positive equals the anchor", len(self_pairs))
-        keep = sorted(set(range(len(anchors))) - set(self_pairs))
-        pairs = pairs.select(keep)
-        anchors, positives = [anchors[i] for i in keep], [positives[i] for i in keep]
-    corpus_list = list(corpus) if corpus is not None else None
-    helper_anchors: list[str] = []
-    if exclude_query:
-        corpus_texts = set(corpus_list if corpus_list is not None else []) | set(positives)
-        helper_anchors = sorted({a for a in anchors if a in corpus_texts})
-        if helper_anchors:
-            helper = Dataset.from_dict({"anchor": helper_anchors, "positive": helper_anchors})
-            from datasets import concatenate_datasets
-
-            pairs = concatenate_datasets([pairs, helper])
-    n_input = len(pairs) - len(helper_anchors)
-
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        mined = st_mine_hard_negatives(
-            pairs,
-            model,
-            anchor_column_name="anchor",
-            positive_column_name="positive",
-            corpus=corpus_list,
-            range_min=range_min,
-            range_max=range_max,
-            num_negatives=num_negatives,
-            sampling_strategy=sampling_strategy,
-            query_prompt=query_prompt,
-            corpus_prompt=corpus_prompt,
-            output_format="n-tuple",
-            output_scores=output_scores,
-            batch_size=batch_size,
-            use_faiss=use_faiss,
-            cache_folder=str(cache_folder) if cache_folder is not None else None,
-            verbose=verbose,
-            **kwargs,
-        )
-    finally:
-        random.setstate(state)
-    if helper_anchors:
-        mined = mined.filter(lambda a, p: a != p, input_columns=["anchor", "positive"])
-    if output_scores:
-        mined = mined.rename_column("scores", "label")
-    dropped = n_input - len(mined)
+    if not 0 <= range_min < range_max:
+        raise ValueError(f"need 0 <= range_min < range_max, got range_min={range_min}, range_max={range_max}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    if sampling_strategy not in ("random", "top"):
+        raise ValueError(f"sampling_strategy must be 'random' or 'top', got {sampling_strategy!r}")
+    anchors, positives = column_array(dataset, "anchor"), column_array(dataset, "positive")
+    self_pairs = pc.equal(anchors, positives).to_numpy(zero_copy_only=False)
+    if self_pairs.any():
+        logger.warning("mine_hard_negatives: dropping %d row(s) whose positive equals the anchor", self_pairs.sum())
+    kept_rows = np.flatnonzero(~self_pairs)
+    anchors, positives = anchors.take(pa.array(kept_rows)), positives.take(pa.array(kept_rows))
+    corpus_arrays = [as_arrow_strings(corpus)] if corpus is not None else []
+    index = build_pair_index(anchors, positives, corpus=corpus_arrays, exclude_query=exclude_query)
+    query_emb, doc_emb = embed_index(
+        index,
+        model,
+        query_prompt=query_prompt,
+        corpus_prompt=corpus_prompt,
+        cache_folder=cache_folder,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        devices=devices,
+        show_progress_bar=show_progress_bar,
+    )
+    searcher = Searcher(doc_emb, use_faiss=use_faiss)
+    k = range_max + index.max_excluded
+    n_rows = len(anchors)
+    negatives = np.full((n_rows, num_negatives), -1, dtype=np.int64)
+    negative_scores = np.zeros((n_rows, num_negatives), dtype=np.float32)
+    chunks = rows_by_query(index.query_of_row, len(index.queries), QUERY_CHUNK)
+    for number, (first, end, rows) in enumerate(tqdm(chunks, desc="Mining", disable=not show_progress_bar)):
+        if len(rows) == 0:
+            continue
+        scores, ids = searcher.search(query_emb[first:end], k)
+        query_ids = np.arange(first, end)
+        valid = ~index.is_excluded(query_ids, ids)
+        rank = np.cumsum(valid, axis=1) - 1
+        in_range = valid & (rank >= range_min) & (rank < range_max)
+        local = index.query_of_row[rows] - first  # each row's query within the chunk
+        candidates = in_range[local]  # (R, k)
+        if sampling_strategy == "random":
+            keys = np.random.default_rng([seed, number]).random(candidates.shape)
+        else:
+            keys = np.broadcast_to(np.arange(candidates.shape[1], dtype=np.float64), candidates.shape).copy()
+        keys[~candidates] = np.inf
+        chosen = np.argsort(keys, axis=1, kind="stable")[:, :num_negatives]  # (R, n) positions in the ranking
+        enough = candidates.sum(axis=1) >= num_negatives
+        if sampling_strategy == "top":
+            chosen = np.sort(chosen, axis=1)
+        negatives[rows[enough]] = np.take_along_axis(ids[local], chosen, axis=1)[enough]
+        negative_scores[rows[enough]] = np.take_along_axis(scores[local], chosen, axis=1)[enough]
+    ok = np.flatnonzero(negatives[:, 0] >= 0)
+    dropped = n_rows - len(ok)
     if dropped:
         logger.info(
             "mine_hard_negatives: %d of %d row(s) dropped: fewer than %d candidates in ranks %d-%d",
             dropped,
-            n_input,
+            n_rows,
             num_negatives,
             range_min,
             range_max,
         )
-    return mined
+    label = None
+    if output_scores:
+        q = query_emb[index.query_of_row[ok]]
+        p = doc_emb[index.positive_of_row[ok]]
+        label = np.concatenate([np.einsum("nd,nd->n", q, p)[:, None], negative_scores[ok]], axis=1)
+    table = _mined_table(anchors, positives, index.documents, ok, negatives[ok], label)
+    return _as_dataset(table, cache_folder, [anchors, positives, index.documents], [k, seed, sampling_strategy])
+
+
+def _mined_table(
+    anchors: pa.Array,
+    positives: pa.Array,
+    documents: pa.Array,
+    rows: np.ndarray,
+    negatives: np.ndarray,
+    label: np.ndarray | None,
+) -> pa.Table:
+    columns = {"anchor": anchors.take(pa.array(rows)), "positive": positives.take(pa.array(rows))}
+    for j, name in enumerate(negative_columns(negatives.shape[1])):
+        columns[name] = documents.take(pa.array(negatives[:, j]))
+    if label is not None:
+        width = label.shape[1]
+        offsets = pa.array(np.arange(0, label.size + 1, width, dtype=np.int32))
+        columns["label"] = pa.ListArray.from_arrays(offsets, pa.array(label.astype(np.float64).ravel()))
+    return pa.table(columns)
+
+
+def _as_dataset(table: pa.Table, folder: str | os.PathLike[str] | None, texts: list[pa.Array], params: Any) -> Dataset:
+    """The table as a Dataset: an Arrow file under ``folder`` (memory-mapped, named by its inputs), else in memory."""
+    if folder is None:
+        return Dataset(pa.Table.from_batches(table.to_batches()))
+    digest = hashlib.sha256(json.dumps(params).encode())
+    for array in texts:
+        digest.update(text_keys(array).tobytes())
+    path = Path(folder) / f"curated-{digest.hexdigest()[:24]}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=65536):
+            writer.write_batch(batch)
+    os.replace(tmp, path)
+    return Dataset.from_file(str(path))
+
+
+__all__ = ["mine_hard_negatives"]

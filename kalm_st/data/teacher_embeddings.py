@@ -3,7 +3,8 @@
 Layout of a cache folder:
 
 - ``manifest.json``: the teacher's fingerprint, the embedding dimension, the number of texts;
-- ``keys.npy``: ``(U, 2)`` uint64, a 128-bit BLAKE2b key of each distinct text (the text as it is encoded);
+- ``keys.npy``: ``(U, 2)`` uint64, the 128-bit key of each distinct text (the text as it is encoded;
+  :func:`kalm_st.data.embedding_store.text_keys`);
 - ``embeddings.npy``: ``(U, d)`` float32, memory-mapped (``numpy.lib.format.open_memmap``), row ``u`` for text ``u``;
 - ``filled.npy``: ``(U,)`` bool, which rows hold an embedding (written after each chunk: a killed run resumes there).
 
@@ -26,15 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from kalm_st.data.embedding_store import lookup, text_keys
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-def text_keys(texts: Sequence[str]) -> np.ndarray:
-    """``(N, 2)`` uint64 BLAKE2b-128 keys of the texts (equal texts, equal keys)."""
-    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts)
-    return np.frombuffer(digests, dtype=np.uint64).reshape(len(texts), 2).copy()
 
 
 def teacher_fingerprint(model: Any, name: str) -> str:
@@ -51,18 +48,6 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
-
-
-def _lookup(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Row of each key in ``table`` (``-1`` if absent), vectorised via a sorted view of 128-bit keys."""
-    if len(table) == 0:
-        return np.full(len(keys), -1, dtype=np.int64)
-    dtype = np.dtype([("a", np.uint64), ("b", np.uint64)])
-    table_v, keys_v = table.view(dtype).ravel(), keys.view(dtype).ravel()
-    order = np.argsort(table_v, kind="stable")
-    position = np.searchsorted(table_v[order], keys_v).clip(max=len(table) - 1)
-    rows = order[position]
-    return np.where(table_v[rows] == keys_v, rows, -1).astype(np.int64)
 
 
 def embed_texts(
@@ -117,7 +102,7 @@ def embed_texts(
         embeddings = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(unique_keys), dim))
         filled = np.zeros(len(unique_keys), dtype=bool)
         if previous is not None:  # keep the rows of texts the cache already has
-            old_rows = _lookup(unique_keys, previous[0])
+            old_rows = lookup(unique_keys, previous[0])
             keep = (old_rows >= 0) & previous[2][old_rows.clip(min=0)]
             embeddings[keep] = previous[1][old_rows[keep]]
             filled[keep] = True
@@ -177,7 +162,7 @@ def attach_teacher_embeddings(dataset: Any, folder: str | os.PathLike[str], colu
             raise ValueError(
                 f"attach_teacher_embeddings: the dataset has no column {column!r} ({dataset.column_names})"
             )
-        rows = _lookup(text_keys(dataset[column]), keys)
+        rows = lookup(text_keys(dataset[column]), keys)
         ok = rows >= 0
         ok[ok] = filled[rows[ok]]
         if not ok.all():

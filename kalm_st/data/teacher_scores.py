@@ -6,13 +6,18 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
+from kalm_st.data.candidates import column_array
+from kalm_st.data.embedding_store import encode_cached, text_keys
 from kalm_st.data.formats import negative_columns_of
 
 if TYPE_CHECKING:
@@ -40,6 +45,7 @@ def score_with_teacher(
     batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
     teacher_id: str | None = None,
+    chunk_size: int = 8192,
     show_progress_bar: bool = True,
 ) -> Dataset:
     """Teacher scores of each row's ``[positive, negative_1, .., negative_n]`` into the ``label`` column.
@@ -57,7 +63,9 @@ def score_with_teacher(
 
     With ``cache_dir``, the scores are stored in ``{cache_dir}/teacher_scores_{hash}.npy`` keyed by (teacher
     identity, prompts (bi-encoder only), every row's texts); a rerun on the same data loads them instead of
-    recomputing. The teacher identity is ``teacher_id`` or :func:`teacher_name`; pass ``teacher_id`` when two
+    recomputing. Work goes ``chunk_size`` rows (or texts) at a time and is saved per chunk (a bi-encoder's
+    embeddings in the store under ``{cache_dir}/embeddings``, a reranker's scores beside the result file), so a
+    killed run resumes after its last finished chunk. The teacher identity is ``teacher_id`` or :func:`teacher_name`; pass ``teacher_id`` when two
     teachers share a name.
 
     Raises:
@@ -76,16 +84,21 @@ def score_with_teacher(
             f"document_prompt={document_prompt!r}): it scores (anchor, text) pairs as written, in its own input "
             "format. Pass no prompts, or write the instruction into the texts"
         )
-    anchors = list(dataset["anchor"])
-    candidates = [list(dataset[c]) for c in columns[1:]]  # (1 + n) lists of len(dataset)
+    anchors = column_array(dataset, "anchor")
+    candidates = [column_array(dataset, c) for c in columns[1:]]  # (1 + n) arrays of len(dataset)
     n_rows, n_cand = len(anchors), len(candidates)
 
     cache_file: Path | None = None
     if cache_dir is not None:
-        prompts = [] if is_cross_encoder else [query_prompt, document_prompt]  # a cross-encoder uses none
-        key = json.dumps([teacher_id or teacher_name(teacher), *prompts, anchors, candidates])
-        digest = hashlib.sha256(key.encode("utf8")).hexdigest()[:32]
-        cache_file = Path(cache_dir) / f"teacher_scores_{digest}.npy"
+        if not is_cross_encoder:  # the prompts the teacher will use, resolved as encode_query/encode_document do
+            prompts = getattr(teacher, "prompts", None) or {}
+            query_prompt = prompts.get("query", "") if query_prompt is None else query_prompt
+            document_prompt = prompts.get("document", "") if document_prompt is None else document_prompt
+        prompts_key = [] if is_cross_encoder else [query_prompt, document_prompt]  # a reranker uses none
+        key = hashlib.sha256(json.dumps([teacher_id or teacher_name(teacher), *prompts_key]).encode())
+        for array in (anchors, *candidates):
+            key.update(text_keys(array).tobytes())
+        cache_file = Path(cache_dir) / f"teacher_scores_{key.hexdigest()[:32]}.npy"
         if cache_file.is_file():
             scores = np.load(cache_file)
             if scores.shape == (n_rows, n_cand):
@@ -93,47 +106,86 @@ def score_with_teacher(
                 return _with_label(dataset, scores)
 
     if is_cross_encoder:
-        pairs = [(a, cand[i]) for cand in candidates for i, a in enumerate(anchors)]
-        flat = teacher.predict(
-            pairs, batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_numpy=True
+        scores = _cross_encoder_scores(
+            teacher, anchors, candidates, cache_file, batch_size, chunk_size, show_progress_bar
         )
-        scores = np.asarray(flat, dtype=np.float64).reshape(n_cand, n_rows).T
     else:
-        unique_anchors = list(dict.fromkeys(anchors))
-        unique_docs = list(dict.fromkeys(t for cand in candidates for t in cand))
-        a_index = {t: i for i, t in enumerate(unique_anchors)}
-        d_index = {t: i for i, t in enumerate(unique_docs)}
-        query_emb = teacher.encode_query(
-            unique_anchors,
-            prompt=query_prompt,
-            batch_size=batch_size,
-            convert_to_tensor=True,
-            show_progress_bar=show_progress_bar,
-        )
-        doc_emb = teacher.encode_document(
-            unique_docs,
-            prompt=document_prompt,
-            batch_size=batch_size,
-            convert_to_tensor=True,
-            show_progress_bar=show_progress_bar,
-        )
-        rows_q = torch.tensor([a_index[a] for a in anchors])
+        root = Path(cache_dir) / "embeddings" if cache_dir is not None else None
+        queries = pc.unique(anchors)
+        documents = pc.unique(pa.chunked_array(candidates, type=pa.large_string()))
+        common = {"normalize": False, "batch_size": batch_size, "chunk_size": chunk_size}
+        query_emb = encode_cached(teacher, queries, root, role="query", prompt=query_prompt, **common)
+        doc_emb = encode_cached(teacher, documents, root, role="document", prompt=document_prompt, **common)
+        query_rows = _positions(anchors, queries)
+        doc_rows = [_positions(column, documents) for column in candidates]
         scores = np.empty((n_rows, n_cand), dtype=np.float64)
-        for j, cand in enumerate(candidates):
-            rows_d = torch.tensor([d_index[t] for t in cand])
-            scores[:, j] = teacher.similarity_pairwise(query_emb[rows_q], doc_emb[rows_d]).float().cpu().numpy()
+        for start in range(0, n_rows, chunk_size):
+            end = min(start + chunk_size, n_rows)
+            q = torch.from_numpy(np.asarray(query_emb[query_rows[start:end]]))
+            for j, rows in enumerate(doc_rows):
+                d = torch.from_numpy(np.asarray(doc_emb[rows[start:end]]))
+                scores[start:end, j] = teacher.similarity_pairwise(q, d).float().numpy()
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp-{os.getpid()}.npy")
         np.save(tmp, scores)
         os.replace(tmp, cache_file)
+        shutil.rmtree(cache_file.with_suffix(".parts"), ignore_errors=True)
     return _with_label(dataset, scores)
 
 
+def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+    return pc.index_in(values, value_set=value_set).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _cross_encoder_scores(
+    teacher: CrossEncoder,
+    anchors: pa.Array,
+    candidates: list[pa.Array],
+    cache_file: Path | None,
+    batch_size: int,
+    chunk_size: int,
+    show_progress_bar: bool,
+) -> np.ndarray:
+    """``(rows, candidates)`` reranker scores, ``chunk_size`` rows at a time; with a cache file, each finished chunk
+    is saved beside it (``.parts/``), so a killed run resumes after its last chunk."""
+    from tqdm.auto import tqdm
+
+    n_rows = len(anchors)
+    parts = cache_file.with_suffix(".parts") if cache_file is not None else None
+    if parts is not None:
+        parts.mkdir(parents=True, exist_ok=True)
+    scores = np.empty((n_rows, len(candidates)), dtype=np.float64)
+    starts = range(0, n_rows, chunk_size)
+    for start in tqdm(starts, desc="Teacher scores", disable=not show_progress_bar):
+        end = min(start + chunk_size, n_rows)
+        part = parts / f"rows-{start:012d}.npy" if parts is not None else None
+        if part is not None and part.is_file():
+            scores[start:end] = np.load(part)
+            continue
+        chunk_anchors = anchors.slice(start, end - start).to_pylist()
+        pairs = [
+            (a, t)
+            for column in candidates
+            for a, t in zip(chunk_anchors, column.slice(start, end - start).to_pylist(), strict=True)
+        ]
+        flat = teacher.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+        scores[start:end] = np.asarray(flat, dtype=np.float64).reshape(len(candidates), end - start).T
+        if part is not None:
+            tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}.npy")
+            np.save(tmp, scores[start:end])
+            os.replace(tmp, part)
+    return scores
+
+
 def _with_label(dataset: Dataset, scores: np.ndarray) -> Dataset:
+    """``dataset`` with ``label`` = each row's scores, a ``list<double>`` column built from the array (no per-row
+    Python lists)."""
     if "label" in dataset.column_names:
         dataset = dataset.remove_columns("label")
-    return dataset.add_column("label", [list(map(float, row)) for row in scores])
+    offsets = pa.array(np.arange(0, scores.size + 1, scores.shape[1], dtype=np.int64))
+    label = pa.LargeListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(scores, dtype=np.float64).ravel()))
+    return dataset.add_column("label", label.cast(pa.list_(pa.float64())))
 
 
 __all__ = ["score_with_teacher", "teacher_name"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kalm_st.recipe.config import ConfigError, TaskType, _build, apply_overrides, parse_yaml
+from kalm_st.recipe.config import ConfigError, SourceConfig, TaskType, _build, apply_overrides, parse_yaml
 
 REFERENCE_PREFIX = "@"
 """``"@stage1"`` in a step's value is the output of the earlier step ``stage1``."""
@@ -66,10 +66,15 @@ class MineStep:
     """Hard-negative mining with a model (:func:`kalm_st.data.mine_hard_negatives`); output: a training file.
 
     KaLM's settings [read]: ranks 50-100 of the previous stage's retrieval, 7 negatives, sampled at random.
+    ``data`` names training files or earlier steps; ``sources`` reads folders, globs and Hub datasets exactly as a
+    stage's ``data.sources`` does (the paper's KaLM / FlagEmbedding layouts). Embeddings are cached per model and
+    prompt under ``{output_dir}/embeddings`` (shared with other steps, resumed after a kill); ``faiss``: None uses it
+    when installed.
     """
 
     model: str
-    data: tuple[str, ...]
+    data: tuple[str, ...] = ()
+    sources: tuple[SourceConfig, ...] = ()
     corpus: str | None = None
     task_types: dict[str, TaskType] = field(default_factory=dict)
     range_min: int = 50
@@ -79,22 +84,27 @@ class MineStep:
     scores: bool = False
     batch_size: int = 32
     instructions: bool = True
-    faiss: bool = False
+    faiss: bool | None = None
+    chunk_size: int = 8192
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class FilterStep:
     """Ranking-consistency filtering (:func:`kalm_st.data.filter_by_rank`): drop rows whose positive is not in the
-    model's top ``top_k``; output: a training file."""
+    model's top ``top_k``; output: a training file. ``data``, ``sources``, ``faiss`` and the embedding cache as in
+    :class:`MineStep`."""
 
     model: str
-    data: tuple[str, ...]
+    data: tuple[str, ...] = ()
+    sources: tuple[SourceConfig, ...] = ()
     corpus: str | None = None
     task_types: dict[str, TaskType] = field(default_factory=dict)
     top_k: int = 50
     batch_size: int = 32
     instructions: bool = True
+    faiss: bool | None = None
+    chunk_size: int = 8192
 
 
 @dataclass(frozen=True)
@@ -116,12 +126,14 @@ class TeacherScoreStep:
     output: a training file. ``teacher`` is an embedding model, or a reranker with ``cross_encoder: true``."""
 
     teacher: str
-    data: tuple[str, ...]
+    data: tuple[str, ...] = ()
+    sources: tuple[SourceConfig, ...] = ()
     cross_encoder: bool = False
     task_types: dict[str, TaskType] = field(default_factory=dict)
     batch_size: int = 32
     instructions: bool = True
     teacher_id: str | None = None
+    chunk_size: int = 8192
 
 
 @dataclass(frozen=True)
@@ -281,7 +293,9 @@ def parse_step(raw: Any, index: int, source: str) -> Step:
 
 def _check_values(settings: Any, where: str) -> None:
     """Value checks the types cannot express (counts >= 1, ranges in order), each naming the key."""
-    for key in ("batch_size", "num_negatives", "top_k", "range_max"):
+    if isinstance(settings, MineStep | FilterStep | TeacherScoreStep) and not (settings.data or settings.sources):
+        raise ConfigError(f"{where}: needs data (files or @steps) or sources (folders, globs, hf:// datasets).")
+    for key in ("batch_size", "num_negatives", "top_k", "range_max", "chunk_size"):
         value = getattr(settings, key, None)
         if value is not None and value < 1:
             raise ConfigError(f"{where}.{key} must be >= 1, got {value}.")

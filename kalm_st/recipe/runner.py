@@ -363,7 +363,7 @@ def run_recipe(
         resume = _prepare(plan)
         logger.info("step %s (%s): %s", name, plan.step.kind, "resuming" if resume else "starting")
         begin = time.perf_counter()
-        context = StepContext(plan.step, plan.settings, plan.step_dir, plan.output, builtin_dir, resume)
+        context = StepContext(plan.step, plan.settings, plan.step_dir, plan.output, builtin_dir, resume, recipe.seed)
         summary = RUNNERS[plan.step.kind](context)
         seconds = time.perf_counter() - begin
         manifest = {

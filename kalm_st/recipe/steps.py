@@ -39,6 +39,14 @@ class StepContext:
     """Where built-in backbones (``builtin:...``) are materialised once per recipe output folder."""
     resume: bool
     """True when an interrupted run of this very step (same fingerprint) left work to continue."""
+    seed: int = 0
+    """The recipe's seed (sources draw their positives and ragged negatives with it, as training does)."""
+
+    @property
+    def embeddings_dir(self) -> Path:
+        """The recipe's embedding store (:mod:`kalm_st.data.embedding_store`), shared by its curation steps: a
+        ``mine`` after a ``filter`` of the same corpus with the same model reads the filter's embeddings."""
+        return self.builtin_dir.parent / "embeddings"
 
 
 def default_output(step: Step, step_dir: Path) -> Path | None:
@@ -88,14 +96,52 @@ def load_encoder(value: str, ctx: StepContext, max_seq_length: int | None = None
     return build_model(value, **({"max_seq_length": max_seq_length} if max_seq_length else {}))
 
 
-def _load_data(paths: tuple[str, ...], task_types: Mapping[str, str] | None = None, instructions: bool = True) -> Any:
+@dataclass(frozen=True)
+class CurationInputs:
+    """A curation step's tasks: their rows, their types, and which are converted sources."""
+
+    data: Any
+    """``DatasetDict`` by task."""
+    types: dict[str, str]
+    converted: frozenset[str]
+    """Tasks read from KaLM / FlagEmbedding / F2LLM sources: their texts carry their instructions already."""
+
+
+def _load_data(settings: Any, ctx: StepContext) -> CurationInputs:
+    """Every task of the step's ``data`` files and ``sources`` (read as a stage reads ``data.sources``)."""
+    from datasets import DatasetDict
+
     from kalm_st.data import load_training_data
 
-    data = load_training_data(list(paths), task_types=task_types, row_instructions=instructions)
-    unknown = sorted(set(task_types or {}) - set(data))
+    task_types = dict(settings.task_types)
+    data = DatasetDict()
+    if settings.data:
+        data = load_training_data(list(settings.data), task_types=task_types, row_instructions=settings.instructions)
+    types = {task: task_types[task] for task in data if task in task_types}
+    converted: set[str] = set()
+    if settings.sources:
+        from kalm_st.recipe.build import load_sources, resolve_tasks
+        from kalm_st.recipe.config import DataConfig
+
+        config = StageConfig(
+            stage="pretrain",
+            output_dir=str(ctx.step_dir),
+            seed=ctx.seed,
+            data=DataConfig(sources=tuple(settings.sources)),
+            source=f"step {ctx.step.name!r}: sources",
+        )
+        loaded, resolved = load_sources(config, resolve_tasks(config, {}))
+        for task, dataset in loaded.items():
+            if task in data:
+                raise ConfigError(f"step {ctx.step.name!r}: task {task!r} comes from both data and sources.")
+            data[task] = dataset
+            types[task] = task_types.get(task) or resolved[task].type or "Retrieval"
+            if resolved[task].converted:
+                converted.add(task)
+    unknown = sorted(set(task_types) - set(data))
     if unknown:
         raise ConfigError(f"task_types names task(s) {unknown} that the data does not have (tasks: {list(data)}).")
-    return data
+    return CurationInputs(data, types, frozenset(converted))
 
 
 def _corpus(path: str | None) -> list[str] | None:
@@ -109,11 +155,14 @@ def _corpus(path: str | None) -> list[str] | None:
     return list(table["text"])
 
 
-def _prompts(dataset: Any, task: str, task_types: Mapping[str, str], instructions: bool) -> tuple[str, str]:
-    """(query prompt, document prompt) of a task for curation: the one resolver training uses too."""
+def _prompts(dataset: Any, task: str, inputs: CurationInputs, instructions: bool) -> tuple[str, str]:
+    """(query prompt, document prompt) of a task for curation: the one resolver training uses too; none for a
+    converted source, whose texts already carry their instructions."""
     from kalm_st.instructions import encoding_prompts
 
-    return encoding_prompts(dataset, task, task_types.get(task), instructions=instructions)
+    if task in inputs.converted:
+        return "", ""
+    return encoding_prompts(dataset, task, inputs.types.get(task), instructions=instructions)
 
 
 def _write(data: Any, output: Path) -> dict[str, int]:
@@ -199,10 +248,10 @@ def run_mine(ctx: StepContext) -> dict[str, Any]:
     from kalm_st.data import mine_hard_negatives
 
     s = ctx.settings
-    data = _load_data(s.data, s.task_types, s.instructions)
+    inputs = _load_data(s, ctx)
     model, corpus, out = load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
-    for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(dataset, task, s.task_types, s.instructions)
+    for task, dataset in inputs.data.items():
+        query_prompt, corpus_prompt = _prompts(dataset, task, inputs, s.instructions)
         out[task] = mine_hard_negatives(
             dataset,
             model,
@@ -216,7 +265,8 @@ def run_mine(ctx: StepContext) -> dict[str, Any]:
             output_scores=s.scores,
             batch_size=s.batch_size,
             use_faiss=s.faiss,
-            cache_folder=ctx.step_dir / "cache",
+            cache_folder=ctx.embeddings_dir,
+            chunk_size=s.chunk_size,
             seed=s.seed,
         )
     return {"rows": _write(out, ctx.output)}
@@ -228,11 +278,11 @@ def run_filter(ctx: StepContext) -> dict[str, Any]:
     from kalm_st.data import filter_by_rank
 
     s = ctx.settings
-    data = _load_data(s.data, s.task_types, s.instructions)
+    inputs = _load_data(s, ctx)
     model, corpus, out = load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
     dropped = {}
-    for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(dataset, task, s.task_types, s.instructions)
+    for task, dataset in inputs.data.items():
+        query_prompt, corpus_prompt = _prompts(dataset, task, inputs, s.instructions)
         out[task], report = filter_by_rank(
             dataset,
             model,
@@ -241,6 +291,9 @@ def run_filter(ctx: StepContext) -> dict[str, Any]:
             query_prompt=query_prompt,
             corpus_prompt=corpus_prompt,
             batch_size=s.batch_size,
+            cache_folder=ctx.embeddings_dir,
+            chunk_size=s.chunk_size,
+            use_faiss=s.faiss,
         )
         dropped[task] = report.dropped
     return {"rows": _write(out, ctx.output), "dropped": dropped}
@@ -274,12 +327,12 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
     from kalm_st.data import score_with_teacher
 
     s = ctx.settings
-    data = _load_data(s.data, s.task_types, s.instructions)
+    inputs = _load_data(s, ctx)
     teacher = CrossEncoder(s.teacher) if s.cross_encoder else load_encoder(s.teacher, ctx)
     out = DatasetDict()
-    for task, dataset in data.items():
+    for task, dataset in inputs.data.items():
         # A reranker reads (query, text) pairs as they are; an embedding teacher gets the task's instructions.
-        prompts = (None, None) if s.cross_encoder else _prompts(dataset, task, s.task_types, s.instructions)
+        prompts = (None, None) if s.cross_encoder else _prompts(dataset, task, inputs, s.instructions)
         out[task] = score_with_teacher(
             dataset,
             teacher,
@@ -288,6 +341,7 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
             batch_size=s.batch_size,
             cache_dir=ctx.step_dir / "cache",
             teacher_id=s.teacher_id,
+            chunk_size=s.chunk_size,
         )
     kind = "cross-encoder" if s.cross_encoder else "embedding"
     return {"rows": _write(out, ctx.output), "teacher": s.teacher, "teacher_kind": kind}
@@ -366,10 +420,10 @@ RUNNERS: Mapping[str, Callable[[StepContext], dict[str, Any]]] = {
 
 _MODEL_FIELDS = ("model", "models", "teacher")
 _INPUT_FIELDS: Mapping[str, tuple[str, ...]] = {
-    "mine": ("model", "data", "corpus"),
-    "filter": ("model", "data", "corpus"),
+    "mine": ("model", "data", "sources", "corpus"),
+    "filter": ("model", "data", "sources", "corpus"),
     "label": ("data",),
-    "teacher-score": ("teacher", "data"),
+    "teacher-score": ("teacher", "data", "sources"),
     "soup": ("models",),
     "eval": ("model", "data_dir"),
     "push": ("model", "results"),
@@ -385,6 +439,8 @@ def step_inputs(step: Step, settings: Any) -> list[tuple[str, bool]]:
         if value is None:
             continue
         values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if name == "sources":
+            values = [source.path for source in values]
         inputs += [(v, name in _MODEL_FIELDS) for v in values]
     return inputs
 
