@@ -148,7 +148,11 @@ def _quantize_int8(source: Path, target: Path) -> None:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    # onnxruntime writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory: run it
+    # inside the export's own temporary folder so nothing is left behind in the user's (or a repository's) folder.
+    cwd = os.getcwd()
     try:
+        os.chdir(target.parent)
         # Per-channel weight scales: all-MiniLM-L6-v2's smallest STS-B cosine to float32 rose from 0.944 (one
         # scale per tensor) to 0.990 at the same speed (benchmarks/onnx_speed.py, docs/benchmarks.md).
         quantize_dynamic(
@@ -159,7 +163,10 @@ def _quantize_int8(source: Path, target: Path) -> None:
             use_external_data_format=source.stat().st_size > 1_900_000_000,  # protobuf's 2 GB limit
         )
     finally:
+        os.chdir(cwd)
         root.setLevel(level)
+        for scratch in target.parent.glob("sym_shape_infer_temp.onnx*"):
+            scratch.unlink()
 
 
 def check_parity(

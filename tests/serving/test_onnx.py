@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,10 +40,18 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def exported(_tiny_model, tmp_path_factory):
-    """A saved tiny kalm-st model exported with ``kalm-st export MODEL --format onnx --quantize int8``."""
+    """A saved tiny kalm-st model exported with ``kalm-st export MODEL --format onnx --quantize int8``, run from an
+    empty working directory that must stay empty (onnxruntime writes scratch files into the working directory)."""
     folder = tmp_path_factory.mktemp("onnx") / "kalm"
     _tiny_model.save(str(folder))
-    assert main(["export", str(folder), "--format", "onnx", "--quantize", "int8"]) == 0
+    workdir = tmp_path_factory.mktemp("cwd")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(["export", str(folder), "--format", "onnx", "--quantize", "int8"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert list(workdir.iterdir()) == []
     return folder
 
 
