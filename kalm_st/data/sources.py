@@ -149,6 +149,19 @@ def list_subtasks(path: str, revision: str | None = None) -> list[tuple[str, str
     return [(s, str(folder / s), None) for s in subs]
 
 
+def list_column_tasks(path: str) -> list[str]:
+    """The distinct values of the ``task`` column of a local file (or of every shard of a glob / folder), in order
+    of first occurrence: the tasks of a curation step's output, read without loading the other columns."""
+    names: list[str] = []
+    for shard in _shards(path):
+        table = read_table(shard)
+        if "task" not in table.column_names:
+            raise ValueError(f"{shard}: tasks: column needs a 'task' column (have {table.column_names})")
+        column = table.select_columns(["task"]).with_format("arrow")[:].column("task")
+        names += [name for name in pc.unique(column).to_pylist() if name not in names]
+    return names
+
+
 def _shards(path: str) -> list[Path]:
     """The files a local path names: itself, a glob's matches, or a folder's supported files (recursive)."""
     if has_glob(path):

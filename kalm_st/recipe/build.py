@@ -262,19 +262,26 @@ def resolve_tasks(
             continue
         if entry.tasks == "one":
             found = [(entry.name or entry.path.rstrip("/").rsplit("/", 1)[-1], entry.path, None)]
+        elif entry.tasks == "column":
+            from kalm_st.data.sources import list_column_tasks
+
+            try:
+                found = [(name, entry.path, None) for name in list_column_tasks(entry.path)]
+            except (FileNotFoundError, ValueError) as error:
+                raise type(error)(f"{config.source}: {key}.path: {error}") from error
         else:
             try:
                 found = list_subtasks(entry.path, entry.revision)
             except FileNotFoundError as error:
                 raise FileNotFoundError(f"{config.source}: {key}.path: {error}") from error
-            if entry.include:
-                missing = sorted(set(entry.include) - {n for n, _, _ in found})
-                if missing:
-                    raise ConfigError(
-                        f"{config.source}: {key}.include names {missing}, not sub-folders of "
-                        f"{entry.path} (have {[n for n, _, _ in found]})."
-                    )
-                found = [f for f in found if f[0] in entry.include]
+        if entry.include:
+            missing = sorted(set(entry.include) - {n for n, _, _ in found})
+            if missing:
+                raise ConfigError(
+                    f"{config.source}: {key}.include names {missing}, not tasks of "
+                    f"{entry.path} (have {[n for n, _, _ in found]})."
+                )
+            found = [f for f in found if f[0] in entry.include]
         for unknown in sorted(set(entry.types) - {n for n, _, _ in found}):
             raise ConfigError(f"{config.source}: {key}.types.{unknown}: no such task in {entry.path}.")
         for task_name, path, config_name in found:
@@ -359,18 +366,28 @@ def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: boo
             check_sibling_columns(group)
     result = DatasetDict()
     resolved: dict[str, TaskSource] = {}
+    loaded_files: dict[tuple[str, ...], Any] = {}
     require = config.stage in ("finetune", "distill")
     for name, parts in opened.items():
         task = sources[name]
         fmt = detect_format(parts[0][1].column_names)
         if fmt == "st":
-            loaded = load_training_data(
-                [label for label, _ in parts],
-                default_task=name,
-                require_negatives=require,
-                num_negatives=config.data.num_negatives,
-                task_types={name: task.type or "Retrieval"},
-            )
+            labels = tuple(label for label, _ in parts)
+            if "task" not in parts[0][1].column_names:  # one task named after the config key, not shared
+                labels = (*labels, f"#{name}")
+            if labels not in loaded_files:  # a file of several tasks is read and validated once, for all of them
+                loaded_files[labels] = load_training_data(
+                    [label for label, _ in parts],
+                    default_task=name,
+                    require_negatives=require,
+                    num_negatives=config.data.num_negatives,
+                    task_types={
+                        other: sources[other].type or "Retrieval"
+                        for other, other_parts in opened.items()
+                        if other == name or tuple(label for label, _ in other_parts) == labels
+                    },
+                )
+            loaded = loaded_files[labels]
             if name not in loaded:  # a file of several tasks (a curation output) gives the task of the same name
                 raise ConfigError(
                     f"{config.source}: {task.key}.path {task.path!r} holds tasks {list(loaded)}, not {name!r} "

@@ -160,7 +160,8 @@ class SourceConfig:
     Args:
         path: A local folder, glob or file, or ``hf://datasets/ORG/NAME[/SUBFOLDER]``.
         tasks: ``subfolders``: one task per sub-folder (or per README ``configs:`` entry), named after it; ``one``:
-            the whole path is one task, named ``name`` (default: the last path component).
+            the whole path is one task, named ``name`` (default: the last path component); ``column``: one task per
+            value of the file's ``task`` column (a curation step's output: ``{path: "@mine", tasks: column}``).
         name: The task name for ``tasks: one``.
         revision: Hub revision of an ``hf://`` path.
         type: The task type of every task of the source (default: the data's FlagEmbedding ``type`` column, else
@@ -173,7 +174,7 @@ class SourceConfig:
     """
 
     path: str
-    tasks: Literal["one", "subfolders"] = "one"
+    tasks: Literal["one", "subfolders", "column"] = "one"
     name: str | None = None
     revision: str | None = None
     type: TaskType | None = None
@@ -521,10 +522,12 @@ def _check_sources(config: StageConfig) -> None:
             )
         if entry.max_rows_per_task is not None and entry.max_rows_per_task < 1:
             raise ConfigError(f"{key}.max_rows_per_task must be >= 1 (or null), got {entry.max_rows_per_task}.")
-        if entry.tasks == "subfolders" and entry.name is not None:
-            raise ConfigError(f"{key}.name is for tasks: one (sub-folders are named after themselves).")
+        if entry.tasks != "one" and entry.name is not None:
+            raise ConfigError(f"{key}.name is for tasks: one (other tasks are named after their folder or value).")
         if entry.tasks == "one" and entry.include:
-            raise ConfigError(f"{key}.include is for tasks: subfolders.")
+            raise ConfigError(f"{key}.include is for tasks: subfolders or column.")
+        if entry.tasks == "column" and entry.path.startswith("hf://"):
+            raise ConfigError(f"{key}: tasks: column reads a local file's task column; a Hub dataset uses subfolders.")
 
 
 def _check_loss_name(loss: LossConfig, key: str, source: str) -> None:
