@@ -355,3 +355,30 @@ def test_a_hub_model_id_with_a_dot_is_remote() -> None:
 
     assert is_remote("Qwen/Qwen2-0.5B", model=True)  # ".5B" is not a file suffix
     assert not is_remote("corpora/pairs.jsonl", model=True)
+
+
+def test_tasks_column_makes_one_task_per_value_of_a_curated_file(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    from kalm_st.data import write_training_data
+
+    pairs = _stsb(24)
+    curated = DatasetDict(
+        {
+            "sts_a": Dataset.from_dict({"anchor": [a for a, _ in pairs[:12]], "positive": [b for _, b in pairs[:12]]}),
+            "sts_b": Dataset.from_dict({"anchor": [a for a, _ in pairs[12:]], "positive": [b for _, b in pairs[12:]]}),
+        }
+    )
+    path = write_training_data(curated, tmp_path / "curated" / "data.parquet")
+    config = _config(
+        tmp_path, {"sources": [{"path": str(path), "tasks": "column", "types": {"sts_b": "STS"}}]}, stage="pretrain"
+    )
+    data, resolved = _load(config)
+    assert list(data) == ["sts_a", "sts_b"]
+    assert data["sts_b"]["anchor"] == [a for a, _ in pairs[12:]]  # the rows of that task value, in order
+    assert (resolved["sts_a"].type, resolved["sts_b"].type) == (None, "STS")
+    only = _config(tmp_path, {"sources": [{"path": str(path), "tasks": "column", "include": ["sts_b"]}]}, "pretrain")
+    assert list(_load(only)[0]) == ["sts_b"]
+    plain = _write_parquet(tmp_path / "plain.parquet", [{"anchor": a, "positive": b} for a, b in pairs])
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]\.path: .*plain\.parquet: tasks: column needs a 'task'"):
+        _load(_config(tmp_path, {"sources": [{"path": str(plain), "tasks": "column"}]}))

@@ -54,7 +54,7 @@ def test_tiny_twin_end_to_end_skip_and_rerun_of_a_changed_step(in_repo: Path, tm
         assert manifest["versions"]["sentence-transformers"]
     # Curation outputs feed training: stage-2 rows carry the 3 mined / labelled negatives, stage-3 rows teacher scores.
     teacher = run_rows(tmp_path / "run" / "teacher" / "data.parquet")
-    assert {"tiny_train", "Banking77Classification"} == set(teacher["task"])
+    assert {"stsb", "Banking77Classification"} == set(teacher["task"])  # stsb: the KaLM-layout sub-folder
     assert all(len(label) == 4 for label in teacher["label"])
 
     again = run_recipe(load_recipe(TINY_TWIN, [out]))
