@@ -123,7 +123,9 @@ class LabelStep:
 @dataclass(frozen=True)
 class TeacherScoreStep:
     """Teacher scores of each row's positive and negatives (:func:`kalm_st.data.score_with_teacher`) into ``label``;
-    output: a training file. ``teacher`` is an embedding model, or a reranker with ``cross_encoder: true``."""
+    output: a training file. ``teacher`` is an embedding model (a sentence-transformers folder or Hub id with its own
+    prompts and pooling, e.g. Qwen/Qwen3-Embedding-8B), or a reranker with ``cross_encoder: true``; ``dtype: auto``
+    loads a Hub teacher in bfloat16 on a GPU, float32 on CPU. Embeddings are cached per chunk (resumable)."""
 
     teacher: str
     data: tuple[str, ...] = ()
@@ -134,6 +136,7 @@ class TeacherScoreStep:
     instructions: bool = True
     teacher_id: str | None = None
     chunk_size: int = 8192
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,12 @@ How a step is decided (the DVC model: fingerprints of inputs and resolved config
 
 ``--dry-run`` (:func:`check_recipe`) validates every step, the step graph and the local sources before any compute and
 reports every problem at once; what it cannot check offline (Hub ids) is listed.
+
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process runs the recipe: train steps run on all
+of them (the Trainer's data parallelism); every other step (curation, soup, eval, push) runs on global rank 0 only,
+which encodes on all of its node's GPUs with sentence-transformers' multi-process pool, while the other ranks wait
+for the step's manifest. Rank 0 alone writes markers, manifests and a train step's copied output. The output folder
+must be shared by the processes (one node, or a shared file system).
 """
 
 from __future__ import annotations
@@ -310,6 +316,26 @@ def _prepare(plan: StepPlan) -> bool:
     return resume
 
 
+WAIT_POLL_SECONDS = 1.0
+
+
+def _wait_for(plan: StepPlan, what: str) -> None:
+    """Block until rank 0 wrote this step's manifest (``"manifest"``) or running marker (``"marker"``) with the
+    step's fingerprint. No timeout: if rank 0 fails, the launcher (torchrun) stops every process."""
+    path = plan.step_dir / (MANIFEST if what == "manifest" else RUNNING)
+    begin = last_log = time.monotonic()
+    while True:
+        try:
+            if json.loads(path.read_text(encoding="utf8")).get("fingerprint") == plan.fingerprint:
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        if time.monotonic() - last_log > 300:
+            logger.info("step %s: still waiting for rank 0 (%.0f s)", plan.step.name, time.monotonic() - begin)
+            last_log = time.monotonic()
+        time.sleep(WAIT_POLL_SECONDS)
+
+
 def _select(plans: list[StepPlan], start: str | None, only: str | None) -> list[StepPlan]:
     names = [p.step.name for p in plans]
     for option, value in (("--from", start), ("--only", only)):
@@ -345,6 +371,8 @@ def run_recipe(
         return report
     builtin_dir = Path(recipe.output_dir) / "builtin"
     selected_names = {p.step.name for p in selected}
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun / accelerate launch; 0 without a launcher
+    main = rank == 0
     for plan in plans:
         if plan.step.name not in selected_names:
             continue
@@ -360,12 +388,28 @@ def run_recipe(
                 raise ConfigError(
                     f"step {name!r} needs the output of step {ref!r}, which is not complete; run it first."
                 )
-        resume = _prepare(plan)
+        if not main and plan.step.kind != "train":
+            logger.info("step %s (%s): runs on rank 0; rank %d waits", name, plan.step.kind, rank)
+            _wait_for(plan, "manifest")
+            report.status[name] = "ran on rank 0"
+            continue
+        if main:
+            resume = _prepare(plan)
+        else:  # rank 0 decides (and clears stale work); a complete checkpoint then means a resume for everyone
+            _wait_for(plan, "marker")
+            resume = True
         logger.info("step %s (%s): %s", name, plan.step.kind, "resuming" if resume else "starting")
         begin = time.perf_counter()
-        context = StepContext(plan.step, plan.settings, plan.step_dir, plan.output, builtin_dir, resume, recipe.seed)
+        context = StepContext(
+            plan.step, plan.settings, plan.step_dir, plan.output, builtin_dir, resume, recipe.seed, main
+        )
         summary = RUNNERS[plan.step.kind](context)
         seconds = time.perf_counter() - begin
+        if not main:
+            _wait_for(plan, "manifest")
+            report.status[name] = "ran"
+            report.seconds[name] = seconds
+            continue
         manifest = {
             "step": name,
             "kind": plan.step.kind,

@@ -41,6 +41,8 @@ class StepContext:
     """True when an interrupted run of this very step (same fingerprint) left work to continue."""
     seed: int = 0
     """The recipe's seed (sources draw their positives and ragged negatives with it, as training does)."""
+    is_main: bool = True
+    """Global rank 0 (always, without a launcher): the process that writes outputs shared by all ranks."""
 
     @property
     def embeddings_dir(self) -> Path:
@@ -165,6 +167,20 @@ def _prompts(dataset: Any, task: str, inputs: CurationInputs, instructions: bool
     return encoding_prompts(dataset, task, inputs.types.get(task), instructions=instructions)
 
 
+def _passes_through(task: str, inputs: CurationInputs, ctx: StepContext) -> bool:
+    """Classification-like tasks (Classification, Clustering, a FlagEmbedding ``no_in_batch_neg`` folder) are not
+    retrieval: their negatives are other classes (example-based labelling), so mining and ranking filters leave them
+    as they are (METHOD.md §5)."""
+    from kalm_st.data.sources import NO_IN_BATCH_SUFFIX
+    from kalm_st.recipe.build import CLASSIFICATION_TYPES
+
+    if inputs.types.get(task) in CLASSIFICATION_TYPES or task.endswith(NO_IN_BATCH_SUFFIX):
+        kind = inputs.types.get(task, "no in-batch negatives")
+        logger.info("step %s: task %r (%s) is not retrieval: kept as it is", ctx.step.name, task, kind)
+        return True
+    return False
+
+
 def _write(data: Any, output: Path) -> dict[str, int]:
     from kalm_st.data import write_training_data
 
@@ -234,7 +250,7 @@ def run_train(ctx: StepContext) -> dict[str, Any]:
     resume = ctx.resume and last_complete_checkpoint(ctx.step_dir) is not None
     final = run_stage(config, resume=resume)
     assert final is not None
-    if ctx.output is not None and ctx.output != final:
+    if ctx.is_main and ctx.output is not None and ctx.output != final:
         import shutil
 
         with atomic_directory(ctx.output) as tmp:
@@ -251,6 +267,9 @@ def run_mine(ctx: StepContext) -> dict[str, Any]:
     inputs = _load_data(s, ctx)
     model, corpus, out = load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
     for task, dataset in inputs.data.items():
+        if _passes_through(task, inputs, ctx):
+            out[task] = dataset
+            continue
         query_prompt, corpus_prompt = _prompts(dataset, task, inputs, s.instructions)
         out[task] = mine_hard_negatives(
             dataset,
@@ -282,6 +301,9 @@ def run_filter(ctx: StepContext) -> dict[str, Any]:
     model, corpus, out = load_encoder(s.model, ctx), _corpus(s.corpus), DatasetDict()
     dropped = {}
     for task, dataset in inputs.data.items():
+        if _passes_through(task, inputs, ctx):
+            out[task] = dataset
+            continue
         query_prompt, corpus_prompt = _prompts(dataset, task, inputs, s.instructions)
         out[task], report = filter_by_rank(
             dataset,
@@ -328,7 +350,7 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
 
     s = ctx.settings
     inputs = _load_data(s, ctx)
-    teacher = CrossEncoder(s.teacher) if s.cross_encoder else load_encoder(s.teacher, ctx)
+    teacher = CrossEncoder(s.teacher, model_kwargs=_dtype_kwargs(s.dtype)) if s.cross_encoder else load_teacher(s, ctx)
     out = DatasetDict()
     for task, dataset in inputs.data.items():
         # A reranker reads (query, text) pairs as they are; an embedding teacher gets the task's instructions.
@@ -345,6 +367,30 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
         )
     kind = "cross-encoder" if s.cross_encoder else "embedding"
     return {"rows": _write(out, ctx.output), "teacher": s.teacher, "teacher_kind": kind}
+
+
+def _dtype_kwargs(dtype: str) -> dict[str, Any]:
+    """``model_kwargs`` for a teacher's weights: ``auto`` is bfloat16 on a GPU (an 8B teacher), float32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    return {"dtype": getattr(torch, dtype)}
+
+
+def load_teacher(settings: Any, ctx: StepContext) -> Any:
+    """An embedding teacher: a sentence-transformers model (local folder or Hub id, e.g. Qwen/Qwen3-Embedding-8B,
+    with its own prompts and pooling), a built-in, or a recipe's own model (``@step``)."""
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer
+
+    from kalm_st.recipe.backbones import BUILTIN_PREFIX
+
+    value = settings.teacher
+    if value.startswith(BUILTIN_PREFIX) or Path(value).is_dir():
+        return load_encoder(value, ctx)
+    return SentenceTransformer(value, model_kwargs=_dtype_kwargs(settings.dtype))
 
 
 def run_soup(ctx: StepContext) -> dict[str, Any]:

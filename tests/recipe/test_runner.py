@@ -231,3 +231,53 @@ def test_set_and_selection_errors_name_the_step(tmp_path, in_repo) -> None:
         {"output_dir": "x", "steps": [{"name": "a", "kind": "soup", "models": ["p", "q"]}]}, path
     )
     assert recipe.steps[0].settings.models == ("p", "q")
+
+
+def test_under_a_launcher_only_rank_0_runs_a_curation_step(tmp_path: Path) -> None:
+    """torchrun starts the recipe on every rank: a non-train step runs on rank 0, the others wait for its manifest."""
+    recipe = tmp_path / "label.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""\
+        output_dir: {tmp_path / "run"}
+        steps:
+          - {{name: label, kind: label, data: training/data/tiny_banking77.csv, task: Banking77Classification,
+             num_negatives: 3}}
+        """)
+    )
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "kalm_st.cli", "run", str(recipe)]
+    rank1 = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(8)  # long enough to have run the step, had it not waited
+        assert rank1.poll() is None, rank1.stdout.read().decode()[-3000:]
+        assert not (tmp_path / "run" / "label").exists()  # rank 1 wrote nothing, not even the running marker
+        report = run_recipe(load_recipe(recipe))  # rank 0 (no RANK in this process)
+        assert report.status == {"label": "ran"}
+        output = rank1.communicate(timeout=60)[0].decode()
+    finally:
+        rank1.kill()
+    assert rank1.returncode == 0, output[-3000:]
+    assert "runs on rank 0; rank 1 waits" in output
+
+
+def test_mining_and_filtering_keep_classification_tasks_as_they_are(tmp_path: Path, in_repo: Path) -> None:
+    """Negatives of a classification task are other classes (labelling), never retrieval neighbours."""
+    import pyarrow.parquet as pq
+
+    recipe = tmp_path / "curate.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""\
+        output_dir: {tmp_path / "run"}
+        steps:
+          - {{name: label, kind: label, data: training/data/tiny_banking77.csv, task: Banking77Classification,
+             num_negatives: 3}}
+          - {{name: filter, kind: filter, model: "builtin:tiny-qwen2", data: "@label", top_k: 1,
+             task_types: {{Banking77Classification: Classification}}}}
+          - {{name: mine, kind: mine, model: "builtin:tiny-qwen2", data: "@filter", range_min: 0, range_max: 4,
+             num_negatives: 1, task_types: {{Banking77Classification: Classification}}}}
+        """)
+    )
+    run_recipe(load_recipe(recipe))
+    labelled = pq.read_table(tmp_path / "run" / "label" / "data.parquet").to_pydict()
+    mined = pq.read_table(tmp_path / "run" / "mine" / "data.parquet").to_pydict()
+    assert mined == labelled  # top_k 1 would drop rows and mining would replace the 3 negatives by 1
