@@ -2,7 +2,7 @@
 
 The query matrix is processed ``query_chunk`` rows at a time and the documents ``doc_block`` rows at a time (both
 may be memory-mapped), keeping a running top-k per query, so memory is bounded by one block of scores whatever the
-corpus size. With faiss installed (``pip install kalm-st[faiss]``), ``use_faiss=True`` (or ``None``: when installed)
+corpus size; on the GPU when there is one. With faiss installed (``pip install kalm-st[faiss]``), ``use_faiss=True`` (or ``None``: when installed)
 searches a flat inner-product index instead: the same exact results, faster on large corpora; the corpus must then
 fit in memory. Embeddings are expected L2-normalised for cosine similarity.
 """
@@ -76,16 +76,18 @@ def top_k(
 
 
 def _torch_top_k(q: torch.Tensor, documents: np.ndarray, k: int, doc_block: int) -> tuple[np.ndarray, np.ndarray]:
-    best_scores = torch.full((len(q), 0), -float("inf"))
-    best_ids = torch.empty((len(q), 0), dtype=torch.int64)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU searches millions of texts in s
+    q = q.to(device)
+    best_scores = torch.full((len(q), 0), -float("inf"), device=device)
+    best_ids = torch.empty((len(q), 0), dtype=torch.int64, device=device)
     for start in range(0, len(documents), doc_block):
         block = torch.from_numpy(np.ascontiguousarray(documents[start : start + doc_block], dtype=np.float32))
-        block_scores, block_ids = torch.topk(q @ block.T, min(k, len(block)), dim=1)
+        block_scores, block_ids = torch.topk(q @ block.to(device).T, min(k, len(block)), dim=1)
         merged_scores = torch.cat([best_scores, block_scores], dim=1)
         merged_ids = torch.cat([best_ids, block_ids + start], dim=1)
         order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :k]
         best_scores, best_ids = merged_scores.gather(1, order), merged_ids.gather(1, order)
-    return best_scores.numpy(), best_ids.numpy()
+    return best_scores.cpu().numpy(), best_ids.cpu().numpy()
 
 
 __all__ = ["Searcher", "faiss_available", "top_k"]
