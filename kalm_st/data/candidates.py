@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kalm_st.data.embedding_store import as_arrow_strings, encode_cached
+from kalm_st.data.retrieval import Searcher
 
 logger = logging.getLogger(__name__)
 
@@ -94,22 +95,36 @@ def similarity_normalizes(model: Any) -> bool:
     return name == "cosine"
 
 
-def embed_index(
-    index: PairIndex,
+@dataclass(frozen=True)
+class Candidates:
+    """A :class:`PairIndex` with both sides encoded and a searcher over the documents."""
+
+    index: PairIndex
+    query_embeddings: np.ndarray
+    document_embeddings: np.ndarray
+    searcher: Searcher
+
+
+def encode_candidates(
+    anchors: pa.Array,
+    positives: pa.Array,
     model: Any,
     *,
+    corpus: Sequence[pa.Array] = (),
+    exclude_query: bool = True,
     query_prompt: str | None,
     corpus_prompt: str | None,
     cache_folder: str | os.PathLike[str] | None,
     batch_size: int,
     chunk_size: int = 8192,
     devices: Sequence[str] | None = None,
+    use_faiss: bool | None = None,
     show_progress_bar: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(query embeddings, document embeddings)`` of the index, through the on-disk embedding store."""
-    normalize = similarity_normalizes(model)
+) -> Candidates:
+    """Index the rows, encode queries and documents through the on-disk embedding store, and build the search."""
+    index = build_pair_index(anchors, positives, corpus=corpus, exclude_query=exclude_query)
     common = {
-        "normalize": normalize,
+        "normalize": similarity_normalizes(model),
         "batch_size": batch_size,
         "chunk_size": chunk_size,
         "devices": devices,
@@ -117,7 +132,7 @@ def embed_index(
     }
     documents = encode_cached(model, index.documents, cache_folder, role="document", prompt=corpus_prompt, **common)
     queries = encode_cached(model, index.queries, cache_folder, role="query", prompt=query_prompt, **common)
-    return queries, documents
+    return Candidates(index, queries, documents, Searcher(documents, use_faiss=use_faiss))
 
 
 def rows_by_query(query_of_row: np.ndarray, n_queries: int, chunk: int) -> list[tuple[int, int, np.ndarray]]:
@@ -131,10 +146,11 @@ def rows_by_query(query_of_row: np.ndarray, n_queries: int, chunk: int) -> list[
 
 
 __all__ = [
+    "Candidates",
     "PairIndex",
     "build_pair_index",
     "column_array",
-    "embed_index",
+    "encode_candidates",
     "rows_by_query",
     "similarity_normalizes",
 ]

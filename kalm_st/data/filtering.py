@@ -17,10 +17,9 @@ import pyarrow as pa
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from kalm_st.data.candidates import build_pair_index, column_array, embed_index, rows_by_query
+from kalm_st.data.candidates import column_array, encode_candidates, rows_by_query
 from kalm_st.data.embedding_store import as_arrow_strings
 from kalm_st.data.formats import negative_columns_of
-from kalm_st.data.retrieval import Searcher
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -73,24 +72,26 @@ def positive_ranks(
     anchors, positives = column_array(dataset, "anchor"), column_array(dataset, "positive")
     extra = [as_arrow_strings(corpus)] if corpus is not None else []
     extra += [column_array(dataset, column) for column in negative_columns_of(dataset)]
-    index = build_pair_index(anchors, positives, corpus=extra, exclude_query=True)
-    query_emb, doc_emb = embed_index(
-        index,
+    found = encode_candidates(
+        anchors,
+        positives,
         model,
+        corpus=extra,
         query_prompt=query_prompt,
         corpus_prompt=corpus_prompt,
         cache_folder=cache_folder,
         batch_size=batch_size,
         chunk_size=chunk_size,
+        use_faiss=use_faiss,
         show_progress_bar=show_progress_bar,
     )
-    searcher = Searcher(doc_emb, use_faiss=use_faiss)
+    index, query_emb, doc_emb = found.index, found.query_embeddings, found.document_embeddings
     ranks = np.full(len(anchors), limit, dtype=np.int64)
     chunks = rows_by_query(index.query_of_row, len(index.queries), QUERY_CHUNK)
     for first, end, rows in tqdm(chunks, desc="Ranking positives", disable=not show_progress_bar):
         if len(rows) == 0:
             continue
-        scores, ids = searcher.search(query_emb[first:end], limit + index.max_excluded)
+        scores, ids = found.searcher.search(query_emb[first:end], limit + index.max_excluded)
         valid = ~index.is_excluded(np.arange(first, end), ids)
         local = index.query_of_row[rows] - first
         positive_scores = np.einsum(

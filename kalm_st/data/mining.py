@@ -23,10 +23,9 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from kalm_st.data.candidates import build_pair_index, column_array, embed_index, rows_by_query
+from kalm_st.data.candidates import column_array, encode_candidates, rows_by_query
 from kalm_st.data.embedding_store import as_arrow_strings, text_keys
 from kalm_st.data.formats import negative_columns
-from kalm_st.data.retrieval import Searcher
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -94,20 +93,22 @@ def mine_hard_negatives(
         logger.warning("mine_hard_negatives: dropping %d row(s) whose positive equals the anchor", self_pairs.sum())
     kept_rows = np.flatnonzero(~self_pairs)
     anchors, positives = anchors.take(pa.array(kept_rows)), positives.take(pa.array(kept_rows))
-    corpus_arrays = [as_arrow_strings(corpus)] if corpus is not None else []
-    index = build_pair_index(anchors, positives, corpus=corpus_arrays, exclude_query=exclude_query)
-    query_emb, doc_emb = embed_index(
-        index,
+    found = encode_candidates(
+        anchors,
+        positives,
         model,
+        corpus=[as_arrow_strings(corpus)] if corpus is not None else [],
+        exclude_query=exclude_query,
         query_prompt=query_prompt,
         corpus_prompt=corpus_prompt,
         cache_folder=cache_folder,
         batch_size=batch_size,
         chunk_size=chunk_size,
         devices=devices,
+        use_faiss=use_faiss,
         show_progress_bar=show_progress_bar,
     )
-    searcher = Searcher(doc_emb, use_faiss=use_faiss)
+    index, query_emb, doc_emb = found.index, found.query_embeddings, found.document_embeddings
     k = range_max + index.max_excluded
     n_rows = len(anchors)
     negatives = np.full((n_rows, num_negatives), -1, dtype=np.int64)
@@ -116,7 +117,7 @@ def mine_hard_negatives(
     for number, (first, end, rows) in enumerate(tqdm(chunks, desc="Mining", disable=not show_progress_bar)):
         if len(rows) == 0:
             continue
-        scores, ids = searcher.search(query_emb[first:end], k)
+        scores, ids = found.searcher.search(query_emb[first:end], k)
         query_ids = np.arange(first, end)
         valid = ~index.is_excluded(query_ids, ids)
         rank = np.cumsum(valid, axis=1) - 1
