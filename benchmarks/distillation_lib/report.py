@@ -151,14 +151,31 @@ def _read_meta(work_dir: Path, part: str) -> list[dict[str, Any]]:
     return metas[::-1]
 
 
+def _evaluation(spec: Any) -> str:
+    """Which rows each task is scored on, in words."""
+    tasks = spec.tasks or TASKS
+    parts = []
+    if "STSBenchmark" in tasks:
+        parts.append("STS-B: whole test" if spec.stsb_pairs is None else f"STS-B: {spec.stsb_pairs} test pairs")
+    if "SICK-R" in tasks:
+        parts.append("SICK-R: whole" if spec.sick_pairs is None else f"SICK-R: {spec.sick_pairs} pairs")
+    if "Banking77Classification" in tasks:
+        test = "whole test" if spec.banking77_test is None else f"{spec.banking77_test} test texts"
+        experiments = spec.banking77_experiments or 10
+        per_label = spec.banking77_samples_per_label or 8
+        parts.append(f"Banking77: {test}, {experiments} experiment(s) of {per_label} training texts per intent")
+    if {"TrecQAReranking", "TrecQARetrieval"} & set(tasks):
+        questions = "whole test" if spec.trecqa_questions is None else f"{spec.trecqa_questions} test questions"
+        parts.append(f"TrecQA (reranking and retrieval): {questions}")
+    return "; ".join(parts)
+
+
 def _settings(common: Any, part: str) -> str:
     mode, student = common.modes[part], PARTS[part]
-    spec = mode.eval[student]
-    subsets = ", ".join(f"{k}={v}" for k, v in vars(spec).items() if v is not None) or "whole tasks"
     return (
         f"{STUDENT_TITLES[student]}: {mode.max_steps[student]} steps x batch {mode.batch_size[student]} per run, "
-        f"seeds {list(mode.seeds)}, fp32; evaluation: {subsets} (null = whole task; subsets drawn once with a "
-        "fixed seed, the same rows for every row of the table)."
+        f"seeds {list(mode.seeds)}, fp32. Evaluation: {_evaluation(mode.eval[student])} (subsets drawn once with a "
+        "fixed seed: the same rows for every row of the table)."
     )
 
 
