@@ -196,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from kalm_st.precision import cpu_isa
 
+    if args.part == "b" and args.arm == "best":
+        best_arm(args.work_dir)  # fail before building anything when part a has no results yet
     start = time.time()
     deadline = start + 60 * args.budget_minutes if args.budget_minutes else math.inf
     data = build_training_data(common, args.work_dir, args.cache_dir, teacher_labels="embeddings")

@@ -139,3 +139,9 @@ def test_part_b_reuses_part_a_teacher_score_of_the_whole_sts_b(bench: ModuleType
     assert bench._reuse_teacher_row(ctx, "smollm2")
     row = json.loads(ctx.result_path("smollm2", "teacher").read_text())
     assert row["scores"] == {"STSBenchmark": 83.42} and row["student"] == "smollm2" and row["reused_from"]
+
+
+def test_part_b_alone_needs_part_a_for_its_best_arm(bench: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="run --part a first"):
+        bench.main(["--part", "b", "--work-dir", str(tmp_path)])
+    assert not (tmp_path / "data").exists()  # nothing was built
