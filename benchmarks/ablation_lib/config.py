@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "ablation"
 ARM_NAMES: tuple[str, ...] = ("arm1_infonce", "arm2_focal", "arm3_focal_mixing", "arm4_focal_mixing_distill")
 SOUP_OF: dict[str, str] = {"arm5_soup_arm3": "arm3_focal_mixing", "arm5_soup_arm4": "arm4_focal_mixing_distill"}
 SWITCHES: tuple[str, ...] = ("gamma", "hard_negative_mixing", "distillation")
+ALL_SWITCHES: tuple[str, ...] = (*SWITCHES, "embedding_distillation")
+"""The ablation's switches plus ``embedding_distillation`` (optional in an arm file; ``benchmarks/distillation.py``)."""
 STUDENTS: tuple[str, ...] = ("minilm", "smollm2")
 TASKS: tuple[str, ...] = ("STSBenchmark", "SICK-R", "Banking77Classification", "TrecQAReranking", "TrecQARetrieval")
 DEV_TASKS: tuple[str, ...] = ("STSBenchmark", "TrecQAReranking")
@@ -63,19 +65,23 @@ class ArmConfig:
     gamma: float
     hard_negative_mixing: dict[str, Any] | None
     distillation: dict[str, Any] | None
+    embedding_distillation: dict[str, Any] | None = None
+    """``EmbeddingDistillation`` kwargs (``teacher_dim``, ``weight``, ``metric``) plus ``projection_init``
+    (``{rows, ridge}``: least-squares start of the projection, :mod:`ablation_lib.projection`; null: random) and
+    ``projection_learning_rate`` (null: the student's); the labels must then be teacher embeddings."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "<arm>") -> ArmConfig:
         config = cls(**_strict(cls, data, where))
-        if config.switch is not None and config.switch not in SWITCHES:
-            raise ValueError(f"{where}: switch must be one of {SWITCHES} or null, got {config.switch!r}")
+        if config.switch is not None and config.switch not in ALL_SWITCHES:
+            raise ValueError(f"{where}: switch must be one of {ALL_SWITCHES} or null, got {config.switch!r}")
         if not isinstance(config.gamma, int | float) or config.gamma < 0:
             raise ValueError(f"{where}: gamma must be a number >= 0, got {config.gamma!r}")
         return config
 
     def switches(self) -> dict[str, Any]:
         """The settings the arms may differ in."""
-        return {key: getattr(self, key) for key in SWITCHES}
+        return {key: getattr(self, key) for key in ALL_SWITCHES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,8 @@ class CommonConfig:
     weight_decay: float
     students: dict[str, StudentConfig]
     modes: dict[str, ModeConfig]
+    trecqa_rows: int | None = None
+    """TrecQA training rows drawn (None: every row of a question with enough wrong answers)."""
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -143,10 +151,10 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_arms(config_dir: Path = CONFIG_DIR) -> dict[str, ArmConfig]:
-    """The arms in order, validated: each ``base`` exists and precedes it."""
+def load_arms(config_dir: Path = CONFIG_DIR, names: Sequence[str] = ARM_NAMES) -> dict[str, ArmConfig]:
+    """The arms ``names`` of ``config_dir`` in order, validated: each ``base`` exists and precedes it."""
     arms: dict[str, ArmConfig] = {}
-    for name in ARM_NAMES:
+    for name in names:
         path = config_dir / f"{name}.yaml"
         arm = ArmConfig.from_dict(load_yaml(path), where=str(path))
         if arm.name != name:
@@ -160,7 +168,7 @@ def load_arms(config_dir: Path = CONFIG_DIR) -> dict[str, ArmConfig]:
 def arm_differences(arm: ArmConfig, base: ArmConfig) -> list[str]:
     """The switch keys whose values differ between ``arm`` and ``base``."""
     mine, theirs = arm.switches(), base.switches()
-    return [key for key in SWITCHES if mine[key] != theirs[key]]
+    return [key for key in ALL_SWITCHES if mine[key] != theirs[key]]
 
 
 def load_common(path: Path = CONFIG_DIR / "common.yaml") -> CommonConfig:
@@ -199,6 +207,7 @@ def load_common(path: Path = CONFIG_DIR / "common.yaml") -> CommonConfig:
         mining_range=(int(dataset["mining_range"][0]), int(dataset["mining_range"][1])),
         banking77_rows=int(dataset["banking77_rows"]),
         data_seed=int(dataset["seed"]),
+        trecqa_rows=None if dataset.get("trecqa_rows") is None else int(dataset["trecqa_rows"]),
         warmup_ratio=float(training["warmup_ratio"]),
         weight_decay=float(training["weight_decay"]),
         students=students,
@@ -206,12 +215,15 @@ def load_common(path: Path = CONFIG_DIR / "common.yaml") -> CommonConfig:
     )
 
 
-def config_diff() -> list[str]:
+def config_diff(config_dir: Path = CONFIG_DIR, names: Sequence[str] = ARM_NAMES) -> list[str]:
+    """The unified diff of each arm file against its ``base`` (arms without a base: none)."""
     lines: list[str] = []
-    arms = load_arms()
-    for name in ARM_NAMES[1:]:
+    arms = load_arms(config_dir, names)
+    for name in names:
         arm = arms[name]
-        before = (CONFIG_DIR / f"{arm.base}.yaml").read_text(encoding="utf8").splitlines()
-        after = (CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf8").splitlines()
+        if arm.base is None:
+            continue
+        before = (config_dir / f"{arm.base}.yaml").read_text(encoding="utf8").splitlines()
+        after = (config_dir / f"{name}.yaml").read_text(encoding="utf8").splitlines()
         lines += list(difflib.unified_diff(before, after, f"{arm.base}.yaml", f"{name}.yaml", lineterm="", n=0))
     return lines

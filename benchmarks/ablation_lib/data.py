@@ -8,7 +8,7 @@ import random
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .assets import load_teacher
 from .config import CommonConfig, EvalSubsample
@@ -29,13 +29,29 @@ def _source_dir(task: str) -> Path:
     return find_task_data(task)
 
 
-def build_training_data(common: CommonConfig, work_dir: Path, cache_dir: Path) -> DatasetDict:
-    """``DatasetDict`` of the three training tasks with ``anchor, positive, negative_1..n, label`` (teacher scores)."""
+def build_training_data(
+    common: CommonConfig, work_dir: Path, cache_dir: Path, teacher_labels: Literal["scores", "embeddings"] = "scores"
+) -> DatasetDict:
+    """``DatasetDict`` of the three training tasks with ``anchor, positive, negative_1..n, label``.
+
+    ``label`` holds the teacher's scores of ``[positive, negative_1..n]`` (``teacher_labels="scores"``, cached by
+    ``score_with_teacher`` under ``cache_dir``) or its embeddings ``(2 + n, 768)`` of ``[anchor, positive,
+    negative_1..n]`` (``"embeddings"``, the ``kalm-st teacher-embed`` cache under ``work_dir/data``).
+    """
+    if teacher_labels not in ("scores", "embeddings"):
+        raise ValueError(f"teacher_labels must be 'scores' or 'embeddings', got {teacher_labels!r}")
     from datasets import Dataset, DatasetDict, load_from_disk
 
     target = work_dir / "data" / "train"
     if (target / "dataset_dict.json").is_file():
-        return load_from_disk(str(target))
+        cached = load_from_disk(str(target))
+        kinds = {task: _label_kind(ds) for task, ds in cached.items()}
+        if set(kinds.values()) != {teacher_labels}:
+            raise ValueError(
+                f"{target} holds training data with teacher {kinds} labels, not {teacher_labels}: use another "
+                "--work-dir or delete that folder."
+            )
+        return cached
     from sentence_transformers import SentenceTransformer
 
     from kalm_st.data import label_examples, mine_hard_negatives, score_with_teacher
@@ -77,6 +93,8 @@ def build_training_data(common: CommonConfig, work_dir: Path, cache_dir: Path) -
             for k, negative in enumerate(rng.sample(wrong, n_neg)):
                 trec[f"negative_{k + 1}"].append(negative)
     trecqa = Dataset.from_dict(trec)
+    if common.trecqa_rows is not None and common.trecqa_rows < len(trecqa):
+        trecqa = trecqa.select(sorted(rng.sample(range(len(trecqa)), common.trecqa_rows)))
 
     # Banking77 train: example-based labelling (positive = another text of the intent, negatives = other intents).
     with (_source_dir("Banking77Classification") / "train.csv").open(encoding="utf8", newline="") as handle:
@@ -90,11 +108,23 @@ def build_training_data(common: CommonConfig, work_dir: Path, cache_dir: Path) -
     )
     data = DatasetDict({"STSBenchmark": stsb, "TrecQA": trecqa, "Banking77Classification": banking})
 
-    # Teacher scores of [positive, negative_1..n] per row, cached on disk by score_with_teacher.
     teacher = load_teacher(cache_dir)
+    columns = ["anchor", "positive", *[f"negative_{k + 1}" for k in range(n_neg)]]
+    if teacher_labels == "embeddings":  # teacher embeddings of every text, resumable (kalm-st teacher-embed's cache)
+        from kalm_st.data.teacher_embeddings import attach_teacher_embeddings, embed_texts
+
+        folder = work_dir / "data" / "teacher_embeddings"
+        texts = [text for task in data for column in columns for text in data[task][column]]
+        embed_texts(texts, teacher, folder, teacher_name="all-mpnet-base-v2", batch_size=64)
+        for task in list(data):
+            data[task] = attach_teacher_embeddings(data[task].select_columns(columns), folder, columns)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data.save_to_disk(str(target))
+        return data
+    # Teacher scores of [positive, negative_1..n] per row, cached on disk by score_with_teacher.
     for task in list(data):
         data[task] = score_with_teacher(
-            data[task].select_columns(["anchor", "positive", *[f"negative_{k + 1}" for k in range(n_neg)]]),
+            data[task].select_columns(columns),
             teacher,
             cache_dir=cache_dir / "teacher_scores",
             teacher_id="all-mpnet-base-v2",
@@ -104,6 +134,13 @@ def build_training_data(common: CommonConfig, work_dir: Path, cache_dir: Path) -
     target.parent.mkdir(parents=True, exist_ok=True)
     data.save_to_disk(str(target))
     return data
+
+
+def _label_kind(dataset: Any) -> str:
+    """``"embeddings"`` for a ``label`` of vectors per row, else ``"scores"``."""
+    feature = dataset.features["label"]
+    inner = getattr(feature, "feature", None)
+    return "embeddings" if hasattr(inner, "feature") else "scores"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -42,9 +42,13 @@ logger = logging.getLogger("ablation")
 # Losses and training.
 
 
+EMBEDDING_ONLY_KEYS: tuple[str, ...] = ("projection_init", "projection_learning_rate")
+"""Keys of an arm's ``embedding_distillation`` that the benchmark reads (the rest go to ``EmbeddingDistillation``)."""
+
+
 def build_losses(model: SentenceTransformer, arm: ArmConfig, common: CommonConfig, seed: int) -> dict[str, nn.Module]:
-    """One loss per training task; arms differ only in ``gamma``, mixing and distillation."""
-    from kalm_st.losses import ContrastiveDistillation, FocalInfoNCE, HardNegativeMixing
+    """One loss per training task; arms differ only in ``gamma``, mixing, distillation and embedding distillation."""
+    from kalm_st.losses import ContrastiveDistillation, EmbeddingDistillation, FocalInfoNCE, HardNegativeMixing
 
     losses: dict[str, nn.Module] = {}
     for task in ("STSBenchmark", "TrecQA", "Banking77Classification"):
@@ -58,7 +62,11 @@ def build_losses(model: SentenceTransformer, arm: ArmConfig, common: CommonConfi
             in_batch_negatives=task not in NO_IN_BATCH_TASKS,
             hard_negative_mixing=mixing,
         )
-        losses[task] = base if arm.distillation is None else ContrastiveDistillation(model, base, **arm.distillation)
+        loss = base if arm.distillation is None else ContrastiveDistillation(model, base, **arm.distillation)
+        if arm.embedding_distillation is not None:
+            kwargs = {k: v for k, v in arm.embedding_distillation.items() if k not in EMBEDDING_ONLY_KEYS}
+            loss = EmbeddingDistillation(model, loss, **kwargs)
+        losses[task] = loss
     return losses
 
 
@@ -71,8 +79,14 @@ def train(
     common: CommonConfig,
     seed: int,
     scratch: Path,
+    init_cache: Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Train ``model`` in place; returns timing and the last logged losses."""
+    """Train ``model`` in place; returns timing and the last logged losses.
+
+    An arm with ``embedding_distillation.projection_init`` starts each task's projection at the ridge fit of
+    :mod:`ablation_lib.projection` (cached per task under ``init_cache``).
+    """
     import torch
     from datasets import DatasetDict
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -81,9 +95,35 @@ def train(
     from kalm_st.sampling import TaskHomogeneousBatchSampler
 
     settings = common.students[student]
-    if arm.distillation is None:
+    if arm.distillation is None and arm.embedding_distillation is None:
         data = DatasetDict({task: ds.remove_columns("label") for task, ds in data.items()})
     prompts = build_training_prompts(data, TRAIN_TASK_TYPES) if settings.instructions else None
+    losses = build_losses(model, arm, common, seed)
+    extra: dict[str, Any] = {}
+    embedding = arm.embedding_distillation or {}
+    if embedding.get("projection_init"):
+        from .projection import init_projection
+
+        init = embedding["projection_init"]
+        extra["projection_init"] = {
+            task: init_projection(
+                losses[task],
+                model,
+                data[task],
+                (prompts or {}).get(task),
+                rows=int(init["rows"]),
+                ridge=float(init["ridge"]),
+                seed=common.data_seed,
+                cache=None
+                if init_cache is None
+                else init_cache / f"{task}-rows{init['rows']}-ridge{init['ridge']}.pt",
+            )
+            for task in data
+        }
+    # the projections are the losses' only parameters (named "<task>.projection.weight" in the trainer)
+    lr_mapping = {}
+    if embedding.get("projection_learning_rate"):
+        lr_mapping = {r"\.projection\.": float(embedding["projection_learning_rate"])}
     args = SentenceTransformerTrainingArguments(
         output_dir=str(scratch),
         max_steps=mode.max_steps[student],
@@ -92,6 +132,7 @@ def train(
         warmup_steps=common.warmup_ratio,
         weight_decay=common.weight_decay,
         bf16=use_bf16(settings.bf16, what="students.bf16"),
+        learning_rate_mapping=lr_mapping,
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs it
         seed=seed,
         data_seed=seed,
@@ -104,13 +145,13 @@ def train(
         multi_dataset_batch_sampler=TaskHomogeneousBatchSampler.configure(task_names=list(data)),
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=data, loss=build_losses(model, arm, common, seed)
+        model=model, args=args, train_dataset=data, loss=losses, callbacks=list(callbacks) or None
     )
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"train_seconds": seconds, "train_loss": output.training_loss, "logged_losses": losses}
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"train_seconds": seconds, "train_loss": output.training_loss, "logged_losses": logged, **extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +275,8 @@ def run_arm(ctx: Context, data: DatasetDict, student: str, arm_name: str, seed: 
     spec = ctx.mode.eval[student]
     result: dict[str, Any] = {"scores": {}}
     with _scratch() as scratch:
-        info = train(model, data, ctx.arms[arm_name], student, ctx.mode, ctx.common, seed, scratch)
+        init_cache = ctx.work_dir / "projection_init" / student
+        info = train(model, data, ctx.arms[arm_name], student, ctx.mode, ctx.common, seed, scratch, init_cache)
         if keep:
             model.save(str(ctx.model_path(student, label)))
         if evaluated:

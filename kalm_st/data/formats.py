@@ -13,7 +13,9 @@ Input columns (one row per training example):
   (:func:`kalm_st.instructions.bake_instructions`): each row's own, else the task's, on the sides the task instructs
   (anchors; documents too for symmetric and single-text types); a text already starting with the KaLM template is
   kept as written;
-- ``label`` or ``teacher_scores`` (optional): teacher scores of ``[positive, negative_1, .., negative_n]``.
+- ``label`` or ``teacher_scores`` (optional): teacher scores of ``[positive, negative_1, .., negative_n]``, or
+  teacher embeddings ``(2 + n, d)`` of ``[anchor, positive, negative_1, .., negative_n]`` (``kalm-st teacher-embed``;
+  :class:`~kalm_st.losses.EmbeddingDistillation`, in-batch :class:`~kalm_st.losses.ContrastiveDistillation`).
 
 Output: a ``datasets.DatasetDict`` keyed by task, each with the columns ``anchor, positive, negative_1..negative_n
 [, label]`` in that order (the layout sentence-transformers' losses read; ``label`` is the column name ST's data
@@ -235,6 +237,30 @@ def warn_duplicate_pairs(dataset: Dataset, source: str, task: str) -> int:
     return repeated
 
 
+def _is_embedding_label(value: Any) -> bool:
+    """A ``label`` of teacher embeddings (a list of vectors) rather than teacher scores (a list of numbers)."""
+    return isinstance(value, list | tuple) and bool(value) and isinstance(value[0], list | tuple)
+
+
+def _check_embedding_label(vectors: Sequence[Any], num_negatives: int, truncate: bool) -> tuple[list[Any], str | None]:
+    """``(vectors, problem)`` for a teacher-embedding label: ``2 + n`` vectors (anchor, positive, n negatives) of
+    one dimension, finite numbers; cut to ``2 + n`` when ``truncate`` (``num_negatives`` kept fewer negatives)."""
+    expected = 2 + num_negatives
+    vectors = list(vectors)[:expected] if truncate else list(vectors)
+    if len(vectors) != expected:
+        return vectors, (
+            f"teacher embeddings must be {expected} vectors (anchor, positive + {num_negatives} negatives), "
+            f"got {len(vectors)}"
+        )
+    dims = {len(v) if isinstance(v, list | tuple) else -1 for v in vectors}
+    if len(dims) != 1 or min(dims) < 1:
+        return vectors, f"ragged teacher embeddings: vector lengths {sorted(dims)} (every vector needs the same)"
+    for k, vector in enumerate(vectors):
+        if any(not isinstance(x, int | float) or _is_missing(x) or math.isinf(x) for x in vector):
+            return vectors, f"NaN, infinite or non-numeric value in teacher embedding {k}"
+    return vectors, None
+
+
 def normalize_dataset(
     dataset: Dataset,
     *,
@@ -287,6 +313,8 @@ def normalize_dataset(
     rows: dict[str, dict[str, list[Any]]] = {}
     first_row: dict[str, int] = {}
     neg_counts: dict[str, int] = {}
+    label_kinds: dict[str, bool] = {}  # task -> its label holds teacher embeddings (else teacher scores)
+    label_dims: dict[str, int] = {}  # task -> the teacher-embedding dimension of its first row
     for index, row in enumerate(dataset):
         where = f"{source}: row {index}"
         task = row[task_col] if task_col else default_task
@@ -319,30 +347,54 @@ def normalize_dataset(
         scores = None
         if score_col is not None:
             scores = _as_list(row[score_col])
-            expected = 1 + len(negatives)
-            if not isinstance(scores, list | tuple) or len(scores) < expected:
-                problems.append(
-                    f"{where}: column {score_col!r}: teacher scores must be a list of {expected} numbers "
-                    f"(positive + {len(negatives)} negatives), got {scores!r}"
-                )
-                row_ok = False
+            if _is_embedding_label(scores):  # teacher embeddings: (2 + n, d), anchor and every candidate
+                scores, problem = _check_embedding_label(scores, len(negatives), num_negatives is not None)
+                if problem is None and task in label_dims and len(scores[0]) != label_dims[task]:
+                    problem = (
+                        f"teacher embeddings of {len(scores[0])} dims here, {label_dims[task]} in row "
+                        f"{first_row[task]} of task {task!r}"
+                    )
+                if problem is not None:
+                    problems.append(f"{where}: column {score_col!r}: {problem}")
+                    row_ok = False
             else:
-                scores = list(scores)[:expected] if num_negatives is not None else list(scores)
-                if len(scores) != expected:
+                expected = 1 + len(negatives)
+                if not isinstance(scores, list | tuple) or len(scores) < expected:
                     problems.append(
-                        f"{where}: column {score_col!r}: ragged teacher scores: {len(scores)} values for "
-                        f"{expected} texts"
+                        f"{where}: column {score_col!r}: teacher scores must be a list of {expected} numbers "
+                        f"(positive + {len(negatives)} negatives), got {scores!r}"
                     )
                     row_ok = False
-                elif any(not isinstance(s, int | float) or _is_missing(s) or math.isinf(s) for s in scores):
-                    problems.append(f"{where}: column {score_col!r}: NaN, infinite or non-numeric score in {scores}")
-                    row_ok = False
+                else:
+                    scores = list(scores)[:expected] if num_negatives is not None else list(scores)
+                    if len(scores) != expected:
+                        problems.append(
+                            f"{where}: column {score_col!r}: ragged teacher scores: {len(scores)} values for "
+                            f"{expected} texts"
+                        )
+                        row_ok = False
+                    elif any(not isinstance(s, int | float) or _is_missing(s) or math.isinf(s) for s in scores):
+                        problems.append(
+                            f"{where}: column {score_col!r}: NaN, infinite or non-numeric score in {scores}"
+                        )
+                        row_ok = False
+            if row_ok and task in label_kinds and label_kinds[task] != _is_embedding_label(scores):
+                kinds = ("teacher scores", "teacher embeddings")
+                problems.append(
+                    f"{where}: column {score_col!r}: {kinds[_is_embedding_label(scores)]} here, "
+                    f"{kinds[label_kinds[task]]} in row {first_row[task]} of task {task!r}"
+                )
+                row_ok = False
         if not row_ok:
             continue
         if task not in rows:
             rows[task] = {"anchor": [], "positive": [], "negatives": [], "label": [], "instruction": []}
             first_row[task] = index
             neg_counts[task] = len(negatives)
+            if scores is not None:
+                label_kinds[task] = _is_embedding_label(scores)
+                if label_kinds[task]:
+                    label_dims[task] = len(scores[0])
         if negatives and neg_counts[task] == 0:
             problems.append(
                 f"{where}: column {neg_label!r}: ragged negatives: {len(negatives)} here, 0 in row "
@@ -359,7 +411,10 @@ def normalize_dataset(
         bucket["anchor"].append(anchor)
         bucket["positive"].append(positive)
         bucket["negatives"].append(negatives)
-        bucket["label"].append([float(s) for s in scores] if scores is not None else None)
+        if scores is not None and _is_embedding_label(scores):
+            bucket["label"].append([[float(v) for v in vector] for vector in scores])
+        else:
+            bucket["label"].append([float(s) for s in scores] if scores is not None else None)
         own = row[instruction_col] if instruction_col else None
         bucket["instruction"].append(own if isinstance(own, str) else None)
 
@@ -387,6 +442,12 @@ def normalize_dataset(
 
 
 _ARROW_BATCH = 1 << 16
+
+
+def _is_list_type(data_type: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type)
 
 
 def _is_text_type(data_type: Any) -> bool:
@@ -431,12 +492,16 @@ def _normalize_arrow(
     text_columns = [anchor_col, "positive", *neg_columns]
     if any(not _is_text_type(schema.field(c).type) for c in text_columns):
         return None
+    embedding_label = False  # label of teacher embeddings (2 + n, d) rather than teacher scores (1 + n)
     if score_col is not None:
         score_type = schema.field(score_col).type
-        if not (pa.types.is_list(score_type) or pa.types.is_large_list(score_type)):
+        if not _is_list_type(score_type) or n != available:
             return None
-        if not pa.types.is_floating(score_type.value_type) or n != available:
+        embedding_label = _is_list_type(score_type.value_type)
+        values_type = score_type.value_type.value_type if embedding_label else score_type.value_type
+        if not pa.types.is_floating(values_type):
             return None
+    label_dim = None
     columns = text_columns + ([list_column] if list_column else []) + ([score_col] if score_col else [])
     for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=_ARROW_BATCH):
         for column in text_columns:
@@ -446,9 +511,18 @@ def _normalize_arrow(
         if score_col is not None:
             scores = batch.column(score_col)
             lengths = pc.list_value_length(scores)
-            if lengths.null_count or not pc.all(pc.equal(lengths, 1 + n)).as_py():
+            if lengths.null_count or not pc.all(pc.equal(lengths, (2 if embedding_label else 1) + n)).as_py():
                 return None
             values = pc.list_flatten(scores)
+            if embedding_label:  # every vector of every row the same dimension
+                dims = pc.list_value_length(values)
+                low, high = pc.min_max(dims).values()
+                if dims.null_count or low.as_py() != high.as_py() or not low.as_py():
+                    return None
+                if label_dim is not None and low.as_py() != label_dim:
+                    return None
+                label_dim = low.as_py()
+                values = pc.list_flatten(values)
             if values.null_count or not pc.all(pc.is_finite(values)).as_py():
                 return None
         if list_column is not None:
@@ -628,6 +702,15 @@ def build_training_prompts(
     return prompts
 
 
+def _plain(value: Any) -> Any:
+    """Nested lists of Python numbers/strings from arrays (pandas gives arrays of arrays for 2-D labels)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def write_training_data(data: Dataset | DatasetDict, path: str | os.PathLike[str]) -> Path:
     """Write normalised data to one ``.jsonl``/``.csv``/``.parquet`` file, atomically (temp file + rename).
 
@@ -661,7 +744,7 @@ def write_training_data(data: Dataset | DatasetDict, path: str | os.PathLike[str
         else:
             for column in frame.columns:
                 if frame[column].map(lambda v: isinstance(v, list | tuple) or hasattr(v, "tolist")).any():
-                    frame[column] = frame[column].map(lambda v: json.dumps(list(v)) if v is not None else None)
+                    frame[column] = frame[column].map(lambda v: json.dumps(_plain(v)) if v is not None else None)
             frame.to_csv(tmp, index=False)
         os.replace(tmp, target)
     except BaseException:

@@ -78,8 +78,9 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
             | (anchor, positive, negative_1, ..., negative_n) | teacher embeddings ``(2 + n, d_teacher)``      |
             +-------------------------------------------------+------------------------------------------------+
 
-        Limitation: single process only (the projection is outside the DDP-wrapped model, so its gradients would not
-        be averaged across processes); a multi-process run raises.
+        Several processes: the projection is outside the DDP-wrapped model, so DDP does not average its gradients;
+        :class:`~kalm_st.losses.ProjectionSyncCallback` does (and starts every rank from rank 0's weights). A
+        multi-process run without it raises. ``kalm-st train`` adds it.
 
         Example:
             ::
@@ -116,6 +117,8 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
             self.projection.to(device=param.device, dtype=dtype)
         self.uses_gradient_cache = uses_gradient_cache(base_loss)
         self._pending_grads: list[Tensor] | None = None
+        # set by ProjectionSyncCallback when training begins; required in several processes (see forward)
+        self.gradients_synced = False
 
     # GradCache settings are the cached base loss's.
     @property
@@ -131,10 +134,11 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
         return getattr(self.base_loss, "show_progress_bar", False)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
-        if util.get_world_size() > 1:
+        if util.get_world_size() > 1 and not self.gradients_synced:
             raise ValueError(
-                "EmbeddingDistillation runs in one process only: its projection's gradients are not averaged "
-                "across processes."
+                "EmbeddingDistillation in several processes: its projection is not part of the DDP-wrapped model, "
+                "so its gradients must be averaged by kalm_st.losses.ProjectionSyncCallback; pass "
+                "callbacks=[ProjectionSyncCallback(distillation_losses(loss))] to the trainer (kalm-st train does)."
             )
         sentence_features = list(sentence_features)
         if self.uses_gradient_cache:

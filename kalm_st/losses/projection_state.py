@@ -6,6 +6,12 @@ run would restart the projection from its initialisation while its Adam moments 
 writes the projections' ``state_dict`` into each ``checkpoint-N`` folder (``loss_projections.pt``, atomically);
 :func:`load_projection_state` copies them back (in place, so the optimizer keeps its references) before
 ``trainer.train(resume_from_checkpoint=...)``. The final model never holds them.
+
+Several processes (torchrun): the projection lives in the loss, outside the DDP-wrapped model, so DDP does not average
+its gradients and each rank's copy would drift apart on its own data. :class:`ProjectionSyncCallback` broadcasts rank
+0's projections when training begins and averages their gradients over the processes before every optimizer step
+(what DDP does for the model's parameters), so every rank keeps the same projection. ``kalm-st train`` adds both
+callbacks whenever a loss has a projection.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -93,9 +100,72 @@ class ProjectionStateCallback(TrainerCallback):
         return control
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def broadcast_projections(losses: Sequence[EmbeddingDistillation], src: int = 0) -> None:
+    """Copy rank ``src``'s projection weights to every process (no-op in one process)."""
+    if _world_size() == 1:
+        return
+    with torch.no_grad():
+        for loss in losses:
+            for param in loss.projection.parameters():
+                dist.broadcast(param.data, src=src)
+
+
+def all_reduce_projection_grads(losses: Sequence[EmbeddingDistillation]) -> None:
+    """Average the projections' gradients over the processes, as DDP averages the model's (no-op in one process).
+
+    A rank whose batch did not reach a projection contributes zeros, as DDP counts an unused parameter; a projection
+    no rank used keeps ``grad = None`` (the optimizer then skips it, as in one process). One collective per call:
+    every gradient and a has-gradient flag per parameter travel in one flat buffer of the parameters' dtype.
+    """
+    world = _world_size()
+    if world == 1:
+        return
+    params = [p for loss in losses for p in loss.projection.parameters() if p.requires_grad]
+    if not params:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    if any(p.dtype != dtype or p.device != device for p in params):
+        raise ValueError("all_reduce_projection_grads: the projections must share one dtype and device.")
+    flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] + [flags])
+    dist.all_reduce(flat)  # sum over ranks
+    offset = 0
+    for index, param in enumerate(params):
+        size = param.numel()
+        used = bool(flat[flat.numel() - len(params) + index] > 0)
+        param.grad = (flat[offset : offset + size].view_as(param) / world).clone() if used else None
+        offset += size
+
+
+class ProjectionSyncCallback(TrainerCallback):
+    """Keeps the losses' projections identical on every process: rank 0's weights at the start, gradients averaged
+    over the processes before each optimizer step (after gradient accumulation; the Trainer's gradient clipping
+    covers the model's parameters only, not the loss's, in one process as in several)."""
+
+    def __init__(self, losses: Sequence[EmbeddingDistillation]) -> None:
+        self.losses = list(losses)
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 (TrainerCallback signature)
+        broadcast_projections(self.losses)
+        for loss in self.losses:
+            loss.gradients_synced = True
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        all_reduce_projection_grads(self.losses)
+        return control
+
+
 __all__ = [
     "STATE_FILE",
     "ProjectionStateCallback",
+    "ProjectionSyncCallback",
+    "all_reduce_projection_grads",
+    "broadcast_projections",
     "distillation_losses",
     "load_projection_state",
     "save_projection_state",

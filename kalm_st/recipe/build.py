@@ -554,11 +554,12 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     if mixings:  # the Trainer checkpoints no loss state: save the mixing generators ourselves
         callbacks.append(MixingStateCallback(mixings))
     from kalm_st.losses.false_negative_logging import FalseNegativeLoggingCallback, masked_losses
-    from kalm_st.losses.projection_state import ProjectionStateCallback, distillation_losses
+    from kalm_st.losses.projection_state import ProjectionStateCallback, ProjectionSyncCallback, distillation_losses
 
     projected = distillation_losses(losses)
-    if projected:  # the projection into the teacher's space is loss state: save it into each checkpoint
+    if projected:  # the projection into the teacher's space is loss state: save it into each checkpoint ...
         callbacks.append(ProjectionStateCallback(projected))
+        callbacks.append(ProjectionSyncCallback(projected))  # ... and keep it the same on every process
     if masked_losses(losses):  # logs the count of masked in-batch candidates per step
         callbacks.append(FalseNegativeLoggingCallback(losses))
     callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks

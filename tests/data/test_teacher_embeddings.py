@@ -74,6 +74,10 @@ def test_attach_and_cli_write_the_label_column(teacher, minilm_dir, tmp_path) ->
     label = np.asarray(with_labels["label"], dtype=np.float32)
     assert label.shape == (3, 3, 384)
     np.testing.assert_allclose(label[1, 2], teacher.encode("stocks fell"), rtol=1e-4, atol=1e-5)
+    from kalm_st.data import validate_training_data
+
+    validated = validate_training_data(with_labels, require_negatives=True)["default"]  # in memory: fixed-size lists
+    np.testing.assert_array_equal(np.asarray(validated["label"], dtype=np.float32), label)
     with pytest.raises(ValueError, match=r"column 'positive', row 0"):
         attach_teacher_embeddings(
             Dataset.from_dict({**ROWS, "positive": ["new", "x", "y"]}), tmp_path / "cache", columns
@@ -100,3 +104,63 @@ def test_attach_and_cli_write_the_label_column(teacher, minilm_dir, tmp_path) ->
     assert main(argv) == 0
     written = Dataset.from_parquet(str(out))
     np.testing.assert_allclose(np.asarray(written["label"][0], dtype=np.float32), label[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
+def test_a_teacher_embed_file_validates_and_trains_a_stage(minilm_dir, tmp_path, suffix) -> None:
+    """The (2 + n, d) label that teacher-embed writes passes load_training_data and trains embedding_distillation."""
+    from kalm_st.data import load_training_data
+    from kalm_st.recipe.build import run_stage
+    from kalm_st.recipe.config import load_config
+    from tests.recipe.conftest import CONFIG_DIR, write_rows
+
+    rows = write_rows(tmp_path / "STSBenchmark.jsonl", num_rows=8, num_negatives=3, with_label=False)  # task name
+    out = tmp_path / f"embedded{suffix}"
+    argv = ["teacher-embed", str(rows), "-o", str(out), "--model", str(minilm_dir)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--no-instructions", "--device", "cpu"]
+    assert main(argv) == 0
+    data = load_training_data(out, require_negatives=True)
+    (task,) = data
+    assert data[task].column_names == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "label"]
+    label = np.asarray(data[task]["label"], dtype=np.float32)
+    assert label.shape == (8, 5, 384)
+    # The independent reference: the teacher's own encoding of row 2's third negative.
+    teacher = SentenceTransformer(str(minilm_dir), device="cpu")
+    np.testing.assert_allclose(label[2, 4], teacher.encode(data[task][2]["negative_3"]), rtol=1e-4, atol=1e-5)
+    # One negative fewer: the embeddings are cut to (2 + 2, d) with the negatives.
+    fewer = load_training_data(out, require_negatives=True, num_negatives=2)
+    assert np.asarray(fewer[task]["label"]).shape == (8, 4, 384)
+    # A stage trains on the file with embedding distillation (teacher_dim 384) over focal InfoNCE.
+    overrides = [
+        f"output_dir={tmp_path / 'stage'}",
+        f"data.tasks.STSBenchmark.path={out}",
+        "loss.name=embedding_distillation",
+        "loss.kwargs={teacher_dim: 384, weight: 0.5}",
+        "loss.base={name: focal_infonce, kwargs: {temperature: 0.05}}",
+        "args.max_steps=2",
+        "args.per_device_train_batch_size=4",
+        "args.save_strategy=no",
+    ]
+    final = run_stage(load_config(CONFIG_DIR / "tiny_smoke.yaml", overrides))
+    assert (final / "modules.json").is_file()
+
+
+def test_bad_teacher_embeddings_in_a_file_are_named(tmp_path) -> None:
+    from kalm_st.data import DataValidationError, load_training_data
+
+    good = [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
+    records = [
+        {"anchor": "a", "positive": "b", "negative_1": "c", "label": good},
+        {"anchor": "d", "positive": "e", "negative_1": "f", "label": [[0.1, 0.2], [0.3, 0.4]]},  # 2 texts, not 3
+        {"anchor": "g", "positive": "h", "negative_1": "i", "label": [[0.1, 0.2], [0.3], [0.5, 0.6]]},  # ragged
+        {"anchor": "j", "positive": "k", "negative_1": "l", "label": [[0.1, float("nan")], [0.3, 0.4], [0.5, 0.6]]},
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataValidationError) as info:
+        load_training_data(path)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    assert "row 1: column 'label'" in problems[0] and "3" in problems[0]
+    assert "row 2: column 'label'" in problems[1]
+    assert "row 3: column 'label'" in problems[2] and "NaN" in problems[2]
