@@ -197,8 +197,23 @@ TRAIN = """
         ),
         (TRAIN + "- {name: first, kind: soup, models: [x, y]}\n", r"two steps are named 'first'"),
         ("- {name: a, kind: mine, model: x, data: y, top_k: 3}\n", r"unknown key steps\.a\.top_k"),
+        ("- {name: a, kind: mine, model: x}\n", r"steps\.a: needs data \(files or @steps\) or sources"),
+        (
+            '- {name: a, kind: filter, model: "builtin:tiny-qwen2", sources: [{path: nowhere/kalm, tasks: subfolders}]}\n',
+            r"step 'a': input 'nowhere/kalm' does not exist",
+        ),
     ],
-    ids=["unknown-kind", "unknown-input", "cycle", "missing-source", "same-output", "same-name", "unknown-key"],
+    ids=[
+        "unknown-kind",
+        "unknown-input",
+        "cycle",
+        "missing-source",
+        "same-output",
+        "same-name",
+        "unknown-key",
+        "no-data",
+        "missing-source-folder",
+    ],  # fmt: skip
 )
 def test_bad_recipes_fail_the_dry_run_with_one_named_error(steps, message, tmp_path, in_repo) -> None:
     path = _recipe(steps, tmp_path)
