@@ -213,7 +213,7 @@ TRAIN = """
         "unknown-key",
         "no-data",
         "missing-source-folder",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_recipes_fail_the_dry_run_with_one_named_error(steps, message, tmp_path, in_repo) -> None:
     path = _recipe(steps, tmp_path)
