@@ -153,7 +153,7 @@ def list_column_tasks(path: str) -> list[str]:
     """The distinct values of the ``task`` column of a local file (or of every shard of a glob / folder), in order
     of first occurrence: the tasks of a curation step's output, read without loading the other columns."""
     names: list[str] = []
-    for shard in _shards(path):
+    for shard in local_shards(path):
         table = read_table(shard)
         if "task" not in table.column_names:
             raise ValueError(f"{shard}: tasks: column needs a 'task' column (have {table.column_names})")
@@ -162,7 +162,7 @@ def list_column_tasks(path: str) -> list[str]:
     return names
 
 
-def _shards(path: str) -> list[Path]:
+def local_shards(path: str) -> list[Path]:
     """The files a local path names: itself, a glob's matches, or a folder's supported files (recursive)."""
     if has_glob(path):
         files = sorted(Path(p) for p in _glob.glob(path, recursive=True) if Path(p).is_file())
@@ -197,7 +197,7 @@ def open_source(task: TaskSource) -> list[tuple[str, Any]]:
 
             raise DataValidationError([f"{label}: cannot be read: {_reasons(error)}"]) from error
         return [(label, dataset)]
-    return [(str(shard), read_table(shard)) for shard in _shards(task.path)]
+    return [(str(shard), read_table(shard)) for shard in local_shards(task.path)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

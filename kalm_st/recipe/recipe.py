@@ -109,8 +109,9 @@ class FilterStep:
 
 @dataclass(frozen=True)
 class LabelStep:
-    """Example-based multi-class labelling (:func:`kalm_st.data.label_examples`) of a labelled table; output: a
-    training file of task ``task`` (train it as a ``Classification`` task)."""
+    """Example-based multi-class labelling (:func:`kalm_st.data.label_examples`) of a labelled table (``data``: files,
+    globs or folders of shards, read as one table); output: a training file of task ``task`` (train it as a
+    ``Classification`` task)."""
 
     data: tuple[str, ...]
     task: str

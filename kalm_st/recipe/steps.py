@@ -326,19 +326,16 @@ def run_label(ctx: StepContext) -> dict[str, Any]:
 
     from kalm_st.data import label_examples
     from kalm_st.data.formats import read_table
+    from kalm_st.data.sources import local_shards
 
     s = ctx.settings
-    parts = [
-        label_examples(
-            read_table(path),
-            text_column=s.text_column,
-            label_column=s.label_column,
-            num_negatives=s.num_negatives,
-            seed=s.seed,
-        )
-        for path in s.data
-    ]
-    labelled = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    # every shard of every path (a file, a glob, a folder), labelled as one table: positives and negatives may
+    # come from any shard
+    tables = [read_table(shard) for path in s.data for shard in local_shards(path)]
+    table = concatenate_datasets(tables) if len(tables) > 1 else tables[0]
+    labelled = label_examples(
+        table, text_column=s.text_column, label_column=s.label_column, num_negatives=s.num_negatives, seed=s.seed
+    )
     return {"rows": _write(DatasetDict({s.task: labelled}), ctx.output)}
 
 

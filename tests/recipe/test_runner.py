@@ -296,3 +296,27 @@ def test_mining_and_filtering_keep_classification_tasks_as_they_are(tmp_path: Pa
     labelled = pq.read_table(tmp_path / "run" / "label" / "data.parquet").to_pydict()
     mined = pq.read_table(tmp_path / "run" / "mine" / "data.parquet").to_pydict()
     assert mined == labelled  # top_k 1 would drop rows and mining would replace the 3 negatives by 1
+
+
+def test_label_reads_every_shard_of_a_folder_as_one_table(tmp_path: Path, in_repo: Path) -> None:
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    from kalm_st.data import label_examples
+
+    table = pd.read_csv(in_repo / "training" / "data" / "tiny_banking77.csv")
+    shards = tmp_path / "banking77"
+    shards.mkdir()
+    table.iloc[::2].to_csv(shards / "part-0.csv", index=False)
+    table.iloc[1::2].to_csv(shards / "part-1.csv", index=False)
+    recipe = tmp_path / "label.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        f"steps:\n  - {{name: label, kind: label, data: {shards}, task: Banking77Classification, num_negatives: 3}}\n"
+    )
+    run_recipe(load_recipe(recipe))
+    got = pq.read_table(tmp_path / "run" / "label" / "data.parquet").to_pandas()
+    both = pd.concat([table.iloc[::2], table.iloc[1::2]], ignore_index=True)  # the shards in file order
+    expected = label_examples(Dataset.from_pandas(both), num_negatives=3).to_pandas()
+    assert got.drop(columns="task").to_dict("records") == expected.to_dict("records")
