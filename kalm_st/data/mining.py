@@ -24,7 +24,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from kalm_st.data.candidates import column_array, encode_candidates, rows_by_query
-from kalm_st.data.embedding_store import as_arrow_strings, text_keys
+from kalm_st.data.embedding_store import as_arrow_strings, model_fingerprint, text_keys
 from kalm_st.data.formats import negative_columns
 
 if TYPE_CHECKING:
@@ -152,7 +152,15 @@ def mine_hard_negatives(
         p = doc_emb[index.positive_of_row[ok]]
         label = np.concatenate([np.einsum("nd,nd->n", q, p)[:, None], negative_scores[ok]], axis=1)
     table = _mined_table(anchors, positives, index.documents, ok, negatives[ok], label)
-    return _as_dataset(table, cache_folder, [anchors, positives, index.documents], [k, seed, sampling_strategy])
+    # the file name covers everything the rows depend on, so two different results never share a path (datasets
+    # fingerprints a memory-mapped dataset by its file)
+    params = (
+        [model_fingerprint(model), query_prompt, corpus_prompt, range_min, range_max, num_negatives,
+         sampling_strategy, output_scores, exclude_query, seed]
+        if cache_folder is not None
+        else []
+    )  # fmt: skip
+    return _as_dataset(table, cache_folder, [anchors, positives, index.documents], params)
 
 
 def _mined_table(

@@ -104,7 +104,7 @@ class CurationInputs:
 
     data: Any
     """``DatasetDict`` by task."""
-    types: dict[str, str]
+    types: dict[str, str | None]
     converted: frozenset[str]
     """Tasks read from KaLM / FlagEmbedding / F2LLM sources: their texts carry their instructions already."""
 
@@ -130,6 +130,7 @@ def _load_data(settings: Any, ctx: StepContext) -> CurationInputs:
             output_dir=str(ctx.step_dir),
             seed=ctx.seed,
             data=DataConfig(sources=tuple(settings.sources)),
+            args={"per_device_train_batch_size": 1},  # curation reads any task size (no batch to fill)
             source=f"step {ctx.step.name!r}: sources",
         )
         loaded, resolved = load_sources(config, resolve_tasks(config, {}))
@@ -137,7 +138,7 @@ def _load_data(settings: Any, ctx: StepContext) -> CurationInputs:
             if task in data:
                 raise ConfigError(f"step {ctx.step.name!r}: task {task!r} comes from both data and sources.")
             data[task] = dataset
-            types[task] = task_types.get(task) or resolved[task].type or "Retrieval"
+            types[task] = task_types.get(task) or resolved[task].type  # None: Retrieval, or as its name says
             if resolved[task].converted:
                 converted.add(task)
     unknown = sorted(set(task_types) - set(data))
@@ -174,8 +175,12 @@ def _passes_through(task: str, inputs: CurationInputs, ctx: StepContext) -> bool
     from kalm_st.data.sources import NO_IN_BATCH_SUFFIX
     from kalm_st.recipe.build import CLASSIFICATION_TYPES
 
-    if inputs.types.get(task) in CLASSIFICATION_TYPES or task.endswith(NO_IN_BATCH_SUFFIX):
-        kind = inputs.types.get(task, "no in-batch negatives")
+    # Without an explicit type (a curation output read back from a file), MTEB's naming says it:
+    # Banking77Classification, RedditClustering, ... (the instruction table's names follow it).
+    named = next((t for t in ("Classification", "Clustering") if task.endswith(t)), None)
+    kind = inputs.types.get(task) or named
+    if kind in CLASSIFICATION_TYPES or task.endswith(NO_IN_BATCH_SUFFIX):
+        kind = kind or "no in-batch negatives"
         logger.info("step %s: task %r (%s) is not retrieval: kept as it is", ctx.step.name, task, kind)
         return True
     return False

@@ -289,7 +289,7 @@ def test_mining_and_filtering_keep_classification_tasks_as_they_are(tmp_path: Pa
           - {{name: filter, kind: filter, model: "builtin:tiny-qwen2", data: "@label", top_k: 1,
              task_types: {{Banking77Classification: Classification}}}}
           - {{name: mine, kind: mine, model: "builtin:tiny-qwen2", data: "@filter", range_min: 0, range_max: 4,
-             num_negatives: 1, task_types: {{Banking77Classification: Classification}}}}
+             num_negatives: 1}}   # no type given: MTEB's name says Classification
         """)
     )
     run_recipe(load_recipe(recipe))
