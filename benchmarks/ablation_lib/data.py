@@ -173,8 +173,14 @@ def eval_data_dir(spec: EvalSubsample, work_dir: Path, tag: str, dev: bool = Fal
     (target / "sick" / "SICK.txt").write_text(header + "".join(sample(body, spec.sick_pairs)), encoding="utf8")
     shutil.copy(bank_src / "train.csv", target / "banking77" / "train.csv")
     shutil.copy(bank_src / "categories.json", target / "banking77" / "categories.json")
-    header, *body = (bank_src / "test.csv").read_text(encoding="utf8").splitlines(keepends=True)
-    (target / "banking77" / "test.csv").write_text(header + "".join(sample(body, spec.banking77_test)), "utf8")
+    # records, not lines: some Banking77 texts hold a quoted newline, and a sampled line would cut the record
+    with (bank_src / "test.csv").open(encoding="utf8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, bank_rows = reader.fieldnames, list(reader)
+    with (target / "banking77" / "test.csv").open("w", encoding="utf8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(sample(bank_rows, spec.banking77_test))
     with (trec_src / f"{split}.csv").open(encoding="utf8", newline="") as handle:
         trec_rows = list(csv.DictReader(handle))
     questions = sample(sorted({r["qtext"] for r in trec_rows}), spec.trecqa_questions)
