@@ -195,6 +195,10 @@ def _teacher_score(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, cache_dir=args.cache_dir, teacher_id=args.teacher_id,
         )  # fmt: skip
     write_training_data(out, args.output)
+    if args.flag_embedding:
+        from kalm_st.data.teacher_scores import write_flag_embedding
+
+        write_flag_embedding(out, args.flag_embedding)
     return 0
 
 
@@ -260,6 +264,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     teacher.add_argument("--cross-encoder", action="store_true", help="load the teacher as a CrossEncoder")
     teacher.add_argument("--cache-dir", default=".kalm_cache/teacher_scores", help="score cache folder")
     teacher.add_argument("--teacher-id", default=None, help="teacher identity for the cache key")
+    teacher.add_argument(
+        "--flag-embedding",
+        default=None,
+        metavar="FOLDER",
+        help="also write FlagEmbedding jsonl (pos_scores/neg_scores)",
+    )
     teacher.set_defaults(func=_teacher_score)
 
     embed = subparsers.add_parser(

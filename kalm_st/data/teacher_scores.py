@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -188,4 +188,54 @@ def _with_label(dataset: Dataset, scores: np.ndarray) -> Dataset:
     return dataset.add_column("label", label.cast(pa.list_(pa.float64())))
 
 
-__all__ = ["score_with_teacher", "teacher_name"]
+def as_flag_embedding(dataset: Dataset) -> Dataset:
+    """Scored rows in FlagEmbedding's layout: ``query``, ``pos: [positive]``, ``neg: [negative_1..n]``,
+    ``pos_scores: [label[0]]``, ``neg_scores: label[1:]`` (the raw teacher scores, aligned with ``pos`` / ``neg``),
+    built from the Arrow columns (no per-row Python objects)."""
+    for column in ("anchor", "positive", "label"):
+        if column not in dataset.column_names:
+            raise ValueError(f"as_flag_embedding: missing column {column!r} (have {dataset.column_names})")
+    negatives = negative_columns_of(dataset)
+    n_rows, n_neg = len(dataset), len(negatives)
+    label = column_array_any(dataset, "label")
+    widths = pc.list_value_length(label).to_numpy(zero_copy_only=False)
+    if len(widths) and not (widths == 1 + n_neg).all():
+        row = int(np.flatnonzero(widths != 1 + n_neg)[0])
+        raise ValueError(f"as_flag_embedding: row {row}: label has {widths[row]} scores for {1 + n_neg} texts")
+    scores = pc.list_flatten(label).to_numpy(zero_copy_only=False).astype(np.float64).reshape(n_rows, 1 + n_neg)
+    one = pa.array(np.arange(n_rows + 1, dtype=np.int32))
+    per_row = pa.array(np.arange(n_rows + 1, dtype=np.int32) * n_neg)  # n_neg values per row (0: empty lists)
+    order = (np.arange(n_neg)[None, :] * n_rows + np.arange(n_rows)[:, None]).ravel()  # row i's negatives together
+    stacked = pa.concat_arrays([column_array(dataset, c) for c in negatives] or [pa.array([], pa.large_string())])
+    table = pa.table(
+        {
+            "query": column_array(dataset, "anchor"),
+            "pos": pa.ListArray.from_arrays(one, column_array(dataset, "positive")),
+            "neg": pa.ListArray.from_arrays(per_row, stacked.take(pa.array(order, type=pa.int64()))),
+            "pos_scores": pa.ListArray.from_arrays(one, pa.array(scores[:, 0])),
+            "neg_scores": pa.ListArray.from_arrays(per_row, pa.array(scores[:, 1:].ravel())),
+        }
+    )
+    return Dataset(table)
+
+
+def write_flag_embedding(data: Any, folder: str | os.PathLike[str]) -> Path:
+    """Scored tasks (a ``DatasetDict``) as FlagEmbedding's training layout: ``folder/{task}.jsonl``, atomically.
+    Scores keep 15 significant digits (pandas' JSON writer at its most precise)."""
+    from kalm_st.io import atomic_directory
+
+    folder = Path(folder)
+    with atomic_directory(folder) as tmp:
+        for task, dataset in data.items():
+            as_flag_embedding(dataset).to_json(
+                str(tmp / f"{task}.jsonl"), lines=True, force_ascii=False, double_precision=15
+            )
+    return folder
+
+
+def column_array_any(dataset: Dataset, name: str) -> pa.Array:
+    column = dataset.select_columns([name]).with_format("arrow")[:].column(name)
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+__all__ = ["as_flag_embedding", "score_with_teacher", "teacher_name", "write_flag_embedding"]

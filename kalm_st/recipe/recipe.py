@@ -138,6 +138,9 @@ class TeacherScoreStep:
     teacher_id: str | None = None
     chunk_size: int = 8192
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    flag_embedding: bool = False
+    """Also write FlagEmbedding jsonl (``query, pos, neg, pos_scores, neg_scores``), one file per task, under
+    ``{step_dir}/flag_embedding/``."""
 
 
 @dataclass(frozen=True)

@@ -368,7 +368,12 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
             chunk_size=s.chunk_size,
         )
     kind = "cross-encoder" if s.cross_encoder else "embedding"
-    return {"rows": _write(out, ctx.output), "teacher": s.teacher, "teacher_kind": kind}
+    summary = {"rows": _write(out, ctx.output), "teacher": s.teacher, "teacher_kind": kind}
+    if s.flag_embedding:  # FlagEmbedding's layout: a folder of jsonl files, one per task
+        from kalm_st.data.teacher_scores import write_flag_embedding
+
+        summary["flag_embedding"] = str(write_flag_embedding(out, ctx.step_dir / "flag_embedding"))
+    return summary
 
 
 def _dtype_kwargs(dtype: str) -> dict[str, Any]:

@@ -320,3 +320,45 @@ def test_label_reads_every_shard_of_a_folder_as_one_table(tmp_path: Path, in_rep
     both = pd.concat([table.iloc[::2], table.iloc[1::2]], ignore_index=True)  # the shards in file order
     expected = label_examples(Dataset.from_pandas(both), num_negatives=3).to_pandas()
     assert got.drop(columns="task").to_dict("records") == expected.to_dict("records")
+
+
+def test_teacher_scores_as_flag_embedding_jsonl_read_back_as_a_source(tmp_path: Path, in_repo: Path) -> None:
+    """``flag_embedding: true`` writes FlagEmbedding jsonl whose pos_scores / neg_scores are the label's scores, and
+    kalm-st's FlagEmbedding reader (a stage source) turns it back into the same rows and label."""
+    import pyarrow.parquet as pq
+
+    from kalm_st.recipe.build import load_sources, resolve_tasks
+    from kalm_st.recipe.config import DataConfig, SourceConfig, StageConfig
+
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""\
+        output_dir: {tmp_path / "run"}
+        steps:
+          - {{name: label, kind: label, data: training/data/tiny_banking77.csv, task: Banking77Classification,
+             num_negatives: 3}}
+          - {{name: teacher, kind: teacher-score, teacher: "builtin:all-MiniLM-L6-v2", data: "@label",
+             instructions: false, flag_embedding: true}}
+        """)
+    )
+    run_recipe(load_recipe(recipe))
+    scored = pq.read_table(tmp_path / "run" / "teacher" / "data.parquet").to_pydict()
+    lines = (tmp_path / "run" / "teacher" / "flag_embedding" / "Banking77Classification.jsonl").read_text()
+    rows = [json.loads(line) for line in lines.splitlines()]
+    assert len(rows) == len(scored["anchor"])
+    for i, row in enumerate(rows):
+        assert row["query"] == scored["anchor"][i] and row["pos"] == [scored["positive"][i]]
+        assert row["neg"] == [scored[f"negative_{k}"][i] for k in (1, 2, 3)]
+        # jsonl keeps 15 significant digits (pandas' most)
+        assert [*row["pos_scores"], *row["neg_scores"]] == pytest.approx(scored["label"][i], rel=1e-13, abs=1e-15)
+    config = StageConfig(
+        stage="pretrain",
+        output_dir=str(tmp_path / "x"),
+        data=DataConfig(sources=(SourceConfig(path=str(tmp_path / "run" / "teacher" / "flag_embedding")),)),
+        args={"per_device_train_batch_size": 1},
+    )
+    data, _ = load_sources(config, resolve_tasks(config, {}))
+    (back,) = data.values()
+    assert back["positive"] == scored["positive"] and back["negative_3"] == scored["negative_3"]
+    for got, expected in zip(back["label"], scored["label"], strict=True):
+        assert got == pytest.approx(expected, rel=1e-13, abs=1e-15)
