@@ -23,12 +23,17 @@ from kalm_st.data.retrieval import Searcher
 logger = logging.getLogger(__name__)
 
 
-def column_array(dataset: Any, name: str) -> pa.Array:
-    """A text column of a ``datasets.Dataset`` as one Arrow ``large_string`` array in the dataset's row order."""
+def arrow_column(dataset: Any, name: str) -> pa.Array:
+    """One column of a ``datasets.Dataset`` as one Arrow array in the dataset's row order (no Python objects)."""
     if name not in dataset.column_names:
         raise ValueError(f"missing column {name!r} (have {dataset.column_names})")
-    table = dataset.select_columns([name]).with_format("arrow")[:]
-    return as_arrow_strings(table.column(name))
+    column = dataset.select_columns([name]).with_format("arrow")[:].column(name)
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+def column_array(dataset: Any, name: str) -> pa.Array:
+    """A text column of a ``datasets.Dataset`` as one Arrow ``large_string`` array in the dataset's row order."""
+    return as_arrow_strings(arrow_column(dataset, name))
 
 
 def _ids(values: pa.Array, value_set: pa.Array) -> np.ndarray:
@@ -148,6 +153,7 @@ def rows_by_query(query_of_row: np.ndarray, n_queries: int, chunk: int) -> list[
 __all__ = [
     "Candidates",
     "PairIndex",
+    "arrow_column",
     "build_pair_index",
     "column_array",
     "encode_candidates",

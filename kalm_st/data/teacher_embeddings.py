@@ -17,7 +17,6 @@ checksum) starts the cache afresh. :func:`attach_teacher_embeddings` writes the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from kalm_st.data.embedding_store import lookup, text_keys
+from kalm_st.data.embedding_store import lookup, model_fingerprint, text_keys
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +34,9 @@ MANIFEST = "manifest.json"
 
 
 def teacher_fingerprint(model: Any, name: str) -> str:
-    """``name`` + the embedding dimension + a checksum of the weights (float64 sums of every parameter)."""
-    import torch
-
-    with torch.no_grad():
-        sums = [float(p.detach().double().sum()) for p in model.parameters()]
-    digest = hashlib.sha256(json.dumps([name, model.get_embedding_dimension(), sums]).encode()).hexdigest()[:16]
-    return f"{name}:{digest}"
+    """``name`` + the embedding dimension + a checksum of the weights (:func:`kalm_st.data.embedding_store.
+    model_fingerprint`, the key of every embedding cache)."""
+    return model_fingerprint(model, name)
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from kalm_st.data.candidates import column_array
+from kalm_st.data.candidates import arrow_column, column_array
 from kalm_st.data.embedding_store import encode_cached, text_keys
 from kalm_st.data.formats import negative_columns_of
 
@@ -197,7 +197,7 @@ def as_flag_embedding(dataset: Dataset) -> Dataset:
             raise ValueError(f"as_flag_embedding: missing column {column!r} (have {dataset.column_names})")
     negatives = negative_columns_of(dataset)
     n_rows, n_neg = len(dataset), len(negatives)
-    label = column_array_any(dataset, "label")
+    label = arrow_column(dataset, "label")
     widths = pc.list_value_length(label).to_numpy(zero_copy_only=False)
     if len(widths) and not (widths == 1 + n_neg).all():
         row = int(np.flatnonzero(widths != 1 + n_neg)[0])
@@ -231,11 +231,6 @@ def write_flag_embedding(data: Any, folder: str | os.PathLike[str]) -> Path:
                 str(tmp / f"{task}.jsonl"), lines=True, force_ascii=False, double_precision=15
             )
     return folder
-
-
-def column_array_any(dataset: Dataset, name: str) -> pa.Array:
-    column = dataset.select_columns([name]).with_format("arrow")[:].column(name)
-    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
 
 
 __all__ = ["as_flag_embedding", "score_with_teacher", "teacher_name", "write_flag_embedding"]
