@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -53,6 +53,8 @@ import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
 from torch.utils.data import BatchSampler, ConcatDataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from kalm_st.data.positive_groups import GroupStarts, draw_members, load_starts
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +133,14 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         length_window: Window size in global batches for ``length_aware``.
         lengths: Length key per row of the ``ConcatDataset`` (e.g. token counts; a sequence, numpy array or
             tensor of integers); default: :func:`text_lengths`.
-        task_names: Names of the tasks in order (only for messages).
+        task_names: Names of the tasks in order (for messages and ``positive_groups``).
+        positive_groups: Task name -> the first row of each group of rows that share a query (one row per positive;
+            an int64 array or a ``.npy`` path, from :func:`kalm_st.data.positive_groups.split_positive_groups`). Such
+            a task is sampled by group: each epoch takes one row of every group, drawn by a hash of ``(seed, epoch,
+            group)``, so a query with several positives trains one of them per epoch. Rows drawn to fill mixed
+            batches (r < 1) are drawn over rows.
 
-    Per epoch, task ``t`` with ``n_t`` rows gives ``floor(n_t / (ceil(r * batch_size) * world_size))`` steps; the
+    Per epoch, task ``t`` with ``n_t`` rows (groups, for a task with ``positive_groups``) gives ``floor(n_t / (ceil(r * batch_size) * world_size))`` steps; the
     steps of all tasks are shuffled together (larger tasks are drawn more often, as ST's proportional sampler).
     """
 
@@ -150,6 +157,7 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         length_window: int = 16,
         lengths: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         task_names: Sequence[str] | None = None,
+        positive_groups: Mapping[str, GroupStarts] | None = None,
     ) -> None:
         super().__init__(dataset, batch_samplers, generator=generator, seed=seed if seed is not None else 0)
         if not 0.0 < homogeneous_ratio <= 1.0:
@@ -163,6 +171,17 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         self.sizes = [len(d) for d in dataset.datasets]
         self.offsets = [0, *accumulate(self.sizes)][:-1]
         self.task_names = list(task_names) if task_names is not None else [str(i) for i in range(len(self.sizes))]
+        unknown = sorted(set(positive_groups or {}) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"positive_groups names task(s) {unknown} not among the tasks {self.task_names}")
+        self.group_starts: list[np.ndarray | None] = [
+            load_starts(positive_groups[name], n, f"task {name!r}") if name in (positive_groups or {}) else None
+            for name, n in zip(self.task_names, self.sizes, strict=True)
+        ]
+        # what an epoch samples per task: its groups where it has them, else its rows
+        self.units = [
+            n if starts is None else len(starts) for n, starts in zip(self.sizes, self.group_starts, strict=True)
+        ]
         self.main_size = math.ceil(self.homogeneous_ratio * self.batch_size)
         self.fill_size = self.batch_size - self.main_size
         self.lengths: torch.Tensor | None = None
@@ -173,11 +192,11 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         elif self.length_aware:
             self.lengths = torch.from_numpy(np.concatenate([text_lengths(d) for d in dataset.datasets]))
         global_rows = self.main_size * self.world_size
-        self.steps_per_task = [n // global_rows for n in self.sizes]
-        for name, n, steps in zip(self.task_names, self.sizes, self.steps_per_task, strict=True):
+        self.steps_per_task = [n // global_rows for n in self.units]
+        for name, n, steps in zip(self.task_names, self.units, self.steps_per_task, strict=True):
             if steps == 0:
                 logger.warning(
-                    "TaskHomogeneousBatchSampler: task %r has %d rows, fewer than one global batch (%d x %d "
+                    "TaskHomogeneousBatchSampler: task %r has %d rows (queries), fewer than one global batch (%d x %d "
                     "processes); it is never sampled",
                     name,
                     n,
@@ -213,9 +232,13 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
 
     def _task_batches(self, task: int, generator: torch.Generator) -> torch.Tensor:
         """The main rows of each batch of one task (global indices): ``(steps * world_size, main_size)``."""
-        n, offset = self.sizes[task], self.offsets[task]
+        n, offset = self.units[task], self.offsets[task]
         usable = self.steps_per_task[task] * self.world_size * self.main_size
         order = torch.randperm(n, generator=generator)[:usable]
+        starts = self.group_starts[task]
+        if starts is not None:  # a permutation of the groups -> the row each group trains this epoch
+            members = draw_members(starts, self.sizes[task], int(self.seed), int(self.epoch))
+            order = torch.from_numpy(members)[order]
         if self.length_aware and self.lengths is not None:
             window = self.length_window * self.world_size * self.main_size
             order = _sort_in_windows(order, self.lengths[offset + order], window)

@@ -15,10 +15,13 @@ Input columns (one row per training example):
   kept as written;
 - ``label`` or ``teacher_scores`` (optional): teacher scores of ``[positive, negative_1, .., negative_n]``, or
   teacher embeddings ``(2 + n, d)`` of ``[anchor, positive, negative_1, .., negative_n]`` (``kalm-st teacher-embed``;
-  :class:`~kalm_st.losses.EmbeddingDistillation`, in-batch :class:`~kalm_st.losses.ContrastiveDistillation`).
+  :class:`~kalm_st.losses.EmbeddingDistillation`, in-batch :class:`~kalm_st.losses.ContrastiveDistillation`);
+- ``positive_group`` (optional, integer): consecutive rows with the same value are one query's positives
+  (:mod:`kalm_st.data.positive_groups`: one of them trains per epoch); written by the KaLM / FlagEmbedding reader and
+  kept by the curation steps.
 
 Output: a ``datasets.DatasetDict`` keyed by task, each with the columns ``anchor, positive, negative_1..negative_n
-[, label]`` in that order (the layout sentence-transformers' losses read; ``label`` is the column name ST's data
+[, label][, positive_group]`` in that order (the layout sentence-transformers' losses read; ``label`` is the column name ST's data
 collator treats as labels). Per-task instructions are *not* baked into the texts (except for tasks with row
 instructions, above): :func:`build_training_prompts` builds the nested ``prompts`` dict for
 ``SentenceTransformerTrainingArguments(prompts=...)``, so the same data can be trained with other instructions. Which
@@ -185,6 +188,7 @@ KNOWN_COLUMNS: tuple[str, ...] = (
     "task",
     "instruction",
     *TEACHER_SCORE_ALIASES,
+    "positive_group",
 )
 """The input columns kalm-st reads (plus ``negative_1..n``); see the module docstring."""
 
@@ -299,22 +303,25 @@ def normalize_dataset(
     if "instruction" in columns and not row_instructions:
         logger.warning("%s: column 'instruction' ignored (row instructions off): texts are used as written", source)
 
-    if task_col is None and instruction_col is None:
-        fast = _normalize_arrow(dataset, anchor_col, neg_columns, score_col, num_negatives, list_column)
+    if instruction_col is None:
+        fast = _normalize_by_task(
+            dataset, task_col, default_task, anchor_col, neg_columns, score_col, num_negatives, list_column
+        )
         if fast is not None:  # clean data: checked in Arrow batches, the columns kept memory-mapped as they are
-            if batch_size is not None and len(fast) < batch_size:
-                problems.append(
-                    f"{source}: task {default_task!r}: {len(fast)} valid row(s), fewer than one batch of {batch_size}; "
-                    "add data, lower the batch size or merge the task into another"
-                )
-                return DatasetDict(), problems
-            return DatasetDict({default_task: fast}), problems
+            for task, part in fast.items():
+                if batch_size is not None and len(part) < batch_size:
+                    problems.append(
+                        f"{source}: task {task!r}: {len(part)} valid row(s), fewer than one batch of {batch_size}; "
+                        "add data, lower the batch size or merge the task into another"
+                    )
+            return (DatasetDict() if problems else fast), problems
 
     rows: dict[str, dict[str, list[Any]]] = {}
     first_row: dict[str, int] = {}
     neg_counts: dict[str, int] = {}
     label_kinds: dict[str, bool] = {}  # task -> its label holds teacher embeddings (else teacher scores)
     label_dims: dict[str, int] = {}  # task -> the teacher-embedding dimension of its first row
+    group_col = "positive_group" if "positive_group" in columns else None
     for index, row in enumerate(dataset):
         where = f"{source}: row {index}"
         task = row[task_col] if task_col else default_task
@@ -385,10 +392,14 @@ def normalize_dataset(
                     f"{kinds[label_kinds[task]]} in row {first_row[task]} of task {task!r}"
                 )
                 row_ok = False
+        group = row[group_col] if group_col else None
+        if group_col and group is not None and (isinstance(group, bool) or not isinstance(group, int)):
+            problems.append(f"{where}: column {group_col!r}: must be an integer (the row's query), got {group!r}")
+            row_ok = False
         if not row_ok:
             continue
         if task not in rows:
-            rows[task] = {"anchor": [], "positive": [], "negatives": [], "label": [], "instruction": []}
+            rows[task] = {"anchor": [], "positive": [], "negatives": [], "label": [], "instruction": [], "group": []}
             first_row[task] = index
             neg_counts[task] = len(negatives)
             if scores is not None:
@@ -417,6 +428,7 @@ def normalize_dataset(
             bucket["label"].append([float(s) for s in scores] if scores is not None else None)
         own = row[instruction_col] if instruction_col else None
         bucket["instruction"].append(own if isinstance(own, str) else None)
+        bucket["group"].append(group)
 
     result = DatasetDict()
     for task, bucket in rows.items():
@@ -432,6 +444,15 @@ def normalize_dataset(
             data[column] = [negs[k] for negs in bucket["negatives"]]
         if score_col is not None:
             data["label"] = bucket["label"]
+        missing = [i for i, group in enumerate(bucket["group"]) if group is None]
+        if group_col is not None and len(missing) < n_rows:  # a task of a mixed file may have none: no groups
+            if missing:
+                problems.append(
+                    f"{source}: task {task!r}: column {group_col!r}: missing in {len(missing)} of {n_rows} row(s) "
+                    f"(first: row {missing[0]} of the task)"
+                )
+                continue
+            data[group_col] = bucket["group"]
         result[task] = Dataset.from_dict(data)
         if instruction_col:
             try:
@@ -454,6 +475,61 @@ def _is_text_type(data_type: Any) -> bool:
     import pyarrow as pa
 
     return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _normalize_by_task(
+    dataset: Dataset,
+    task_col: str | None,
+    default_task: str,
+    anchor_col: str,
+    neg_columns: Sequence[str],
+    score_col: str | None,
+    num_negatives: int | None,
+    list_column: str | None,
+) -> DatasetDict | None:
+    """:func:`_normalize_arrow` per task of a file with a ``task`` column (a curation output), split in Arrow.
+
+    Each task's rows are selected by index (one contiguous slice, as :func:`write_training_data` writes them, is a
+    memory-mapped view); the negative and label columns a task leaves all null (a file mixing tasks with different
+    counts) are not its columns. None when any task needs the row-by-row path.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if task_col is None:
+        fast = _normalize_arrow(dataset, anchor_col, neg_columns, score_col, num_negatives, list_column)
+        return None if fast is None else DatasetDict({default_task: fast})
+    if dataset._indices is not None:
+        return None
+    values = dataset.data.table.column(task_col)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return None
+    values = pc.if_else(pc.equal(pc.fill_null(values, ""), ""), pa.scalar(default_task, values.type), values)
+    result = DatasetDict()
+    for task in pc.unique(values).to_pylist():
+        rows = np.flatnonzero(pc.equal(values, task).to_numpy(zero_copy_only=False))
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
+        part = dataset.select(range(rows[0], rows[-1] + 1) if contiguous else rows).remove_columns(task_col)
+        table = part.data.table if contiguous else None  # a contiguous select is a slice of the file's table
+        own = list(neg_columns)
+        if table is not None:  # drop the columns this task leaves empty
+            while own and table.column(own[-1]).null_count == len(rows):
+                own.pop()
+        part_score = score_col
+        if table is not None and score_col is not None and table.column(score_col).null_count == len(rows):
+            part_score = None
+        unused = [c for c in neg_columns if c not in own] + ([score_col] if score_col and not part_score else [])
+        group = "positive_group"
+        if table is not None and group in table.column_names and table.column(group).null_count == len(rows):
+            unused.append(group)
+        if unused:
+            part = part.remove_columns(unused)
+        normalized = _normalize_arrow(part, anchor_col, own, part_score, num_negatives, list_column)
+        if normalized is None:
+            return None
+        result[str(task)] = normalized
+    return result
 
 
 def _normalize_arrow(
@@ -502,6 +578,11 @@ def _normalize_arrow(
         if not pa.types.is_floating(values_type):
             return None
     label_dim = None
+    group_col = "positive_group" if "positive_group" in dataset.column_names else None
+    if group_col is not None:
+        group_type = schema.field(group_col).type
+        if not pa.types.is_integer(group_type) or dataset.data.table.column(group_col).null_count:
+            return None
     columns = text_columns + ([list_column] if list_column else []) + ([score_col] if score_col else [])
     for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=_ARROW_BATCH):
         for column in text_columns:
@@ -537,20 +618,28 @@ def _normalize_arrow(
                 batched=True,
                 batch_size=_ARROW_BATCH,
                 remove_columns=dataset.column_names,
-                fn_kwargs={"anchor_col": anchor_col, "list_column": list_column, "n": n, "score_col": score_col},
+                fn_kwargs={
+                    "anchor_col": anchor_col,
+                    "list_column": list_column,
+                    "n": n,
+                    "score_col": score_col,
+                    "group_col": group_col,
+                },
                 desc="Reading negatives",
             )
             .with_format(None)
         )
     keep = [anchor_col, "positive", *neg_columns[:n]] + ([score_col] if score_col else [])
-    out = dataset.select_columns(keep)
+    out = dataset.select_columns(keep + ([group_col] if group_col else []))
     names = {anchor_col: "anchor", **{c: f"negative_{k + 1}" for k, c in enumerate(neg_columns[:n])}}
     if score_col is not None:
         names[score_col] = "label"
     return out.rename_columns({old: new for old, new in names.items() if old != new})
 
 
-def _explode_negatives(batch: Any, *, anchor_col: str, list_column: str, n: int, score_col: str | None) -> Any:
+def _explode_negatives(
+    batch: Any, *, anchor_col: str, list_column: str, n: int, score_col: str | None, group_col: str | None = None
+) -> Any:
     """A record batch with a ``negatives`` list column -> ``anchor, positive, negative_1..n[, label]``."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -560,6 +649,8 @@ def _explode_negatives(batch: Any, *, anchor_col: str, list_column: str, n: int,
         out[f"negative_{k + 1}"] = pc.list_element(batch.column(list_column), k)
     if score_col is not None:
         out["label"] = batch.column(score_col)
+    if group_col is not None:
+        out[group_col] = batch.column(group_col)
     return pa.table(out)
 
 

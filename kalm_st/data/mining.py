@@ -23,9 +23,10 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from kalm_st.data.candidates import column_array, encode_candidates, rows_by_query
+from kalm_st.data.candidates import arrow_column, column_array, encode_candidates, rows_by_query
 from kalm_st.data.embedding_store import as_arrow_strings, model_fingerprint, text_keys
 from kalm_st.data.formats import negative_columns
+from kalm_st.data.positive_groups import POSITIVE_GROUP
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -93,6 +94,12 @@ def mine_hard_negatives(
         logger.warning("mine_hard_negatives: dropping %d row(s) whose positive equals the anchor", self_pairs.sum())
     kept_rows = np.flatnonzero(~self_pairs)
     anchors, positives = anchors.take(pa.array(kept_rows)), positives.take(pa.array(kept_rows))
+    # one query's positives (kalm_st.data.positive_groups) stay grouped in the output
+    groups = (
+        arrow_column(dataset, POSITIVE_GROUP).take(pa.array(kept_rows))
+        if POSITIVE_GROUP in dataset.column_names
+        else None
+    )
     found = encode_candidates(
         anchors,
         positives,
@@ -152,11 +159,14 @@ def mine_hard_negatives(
         p = doc_emb[index.positive_of_row[ok]]
         label = np.concatenate([np.einsum("nd,nd->n", q, p)[:, None], negative_scores[ok]], axis=1)
     table = _mined_table(anchors, positives, index.documents, ok, negatives[ok], label)
+    if groups is not None:
+        table = table.append_column(POSITIVE_GROUP, groups.take(pa.array(ok)))
     # the file name covers everything the rows depend on, so two different results never share a path (datasets
     # fingerprints a memory-mapped dataset by its file)
     params = (
         [model_fingerprint(model), query_prompt, corpus_prompt, range_min, range_max, num_negatives,
-         sampling_strategy, output_scores, exclude_query, seed]
+         sampling_strategy, output_scores, exclude_query, seed,
+         hashlib.sha256(groups.to_numpy().tobytes()).hexdigest() if groups is not None else None]
         if cache_folder is not None
         else []
     )  # fmt: skip

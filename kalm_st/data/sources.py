@@ -20,8 +20,10 @@ two are converted to ``anchor, positive, negative_1..n[, label]`` by :func:`conv
 fingerprinted Arrow cache file, memory-mapped, so a restart with the cache in place neither converts nor validates
 again. Rules (DATA_AND_SERVING.md §1-2):
 
-- one positive per row, drawn with a counter-based hash of ``(seed, row)`` (drawn once at load, the same every
-  epoch and every restart; not re-drawn per epoch);
+- several positives: one per row per epoch, seeded (``positives: epoch``, the default): the row is read as one row
+  per positive, grouped by a ``positive_group`` column, and the sampler trains one row of each group per epoch,
+  drawn by a hash of ``(seed, epoch, group)`` (:mod:`kalm_st.data.positive_groups`); ``positives: once``: one
+  positive per row drawn at load by a hash of ``(seed, row)``, the same every epoch;
 - ``n`` negatives per row: the first ``n`` when a row has more; ``0 < len(neg) < n``: the row's own plus seeded
   draws with replacement from them (``ragged_negatives: resample``, the authors' behaviour) or the row is dropped
   (``drop``); ``neg: []`` (all rows of a task): no negative columns, in-batch negatives only; rows with an empty
@@ -49,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kalm_st.data.formats import _FORMATS, DataValidationError, read_table
+from kalm_st.data.positive_groups import POSITIVE_GROUP
 from kalm_st.instructions import INSTRUCTED_TEXT_PATTERN, KALM_INSTRUCTION_TEMPLATE, resolve_instruction
 
 logger = logging.getLogger(__name__)
@@ -320,8 +323,14 @@ def _convert_batch(
     instruction: str,
     documents: bool,
     neg_columns: Sequence[str],
+    expand: bool = False,
+    group_offset: int = 0,
 ) -> pa.Table:
-    """One record batch of KaLM / FlagEmbedding / F2LLM rows -> ``anchor, positive, negative_1..n[, label]``."""
+    """One record batch of KaLM / FlagEmbedding / F2LLM rows -> ``anchor, positive, negative_1..n[, label]``.
+
+    ``expand``: a row with ``k`` positives becomes ``k`` consecutive rows (one positive each, the same query,
+    negatives and negative scores) with a ``positive_group`` column, ``group_offset`` + the source row.
+    """
     n = batch.num_rows
     start = indices[0] if n else 0
     rows = np.arange(start, start + n, dtype=np.int64)
@@ -354,13 +363,20 @@ def _convert_batch(
             for k in range(num_negatives):
                 drawn = (_mix(seed, rows, k + 1) % safe_len).astype(np.int64)
                 neg_idx.append(neg_start + np.where(k < neg_len, k, drawn))
+    sel = np.flatnonzero(keep)  # rows kept (all but empty / too short negatives)
+    if expand:  # one output row per positive: take[i] is its source row, picked[i] its positive in the list
+        counts = pos_len[sel]
+        take = np.repeat(sel, counts)
+        picked = np.arange(len(take), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    else:
+        take, picked = sel, choice[sel]
     scores = None
     if "pos_scores" in batch.column_names or "neg_scores" in batch.column_names:
         if "pos_scores" not in batch.column_names:
             _fail(label, start, "pos_scores", "neg_scores need pos_scores (teacher scores of the positives) too")
         ps_flat, ps_len, ps_start = _list_parts(batch.column("pos_scores").combine_chunks(), rows, label, "pos_scores")
         _check_scores(ps_flat, ps_len, pos_len, rows, label, "pos_scores", pos_name)
-        columns = [pc.cast(ps_flat, pa.float64()).to_numpy(zero_copy_only=False)[ps_start + choice]]
+        columns = [pc.cast(ps_flat, pa.float64()).to_numpy(zero_copy_only=False)[ps_start[take] + picked]]
         if neg_idx:
             if "neg_scores" not in batch.column_names:
                 _fail(label, start, "neg_scores", "pos_scores without neg_scores: the negatives have no teacher score")
@@ -369,7 +385,7 @@ def _convert_batch(
             )
             _check_scores(ns_flat, ns_len, neg_len, rows, label, "neg_scores", neg_name)
             ns = pc.cast(ns_flat, pa.float64()).to_numpy(zero_copy_only=False)
-            columns += [ns[np.where(keep, idx, 0)] if len(ns) else np.zeros(n) for idx in neg_idx]
+            columns += [ns[idx[take]] if len(ns) else np.zeros(len(take)) for idx in neg_idx]
         scores = np.stack(columns, axis=1)
     # instructions: the row's prompt, else the task's
     prefixes = None
@@ -381,23 +397,23 @@ def _convert_batch(
         else:
             own = pa.array(np.full(n, instruction, dtype=object), pa.string()) if n else pa.array([], pa.string())
         prefixes = pc.binary_join_element_wise(head, own, tail, "")
-    sel = np.flatnonzero(keep)  # rows kept (all but empty / too short negatives)
-    taken = pa.array(sel)
+    taken = pa.array(take)
     if prefixes is not None:
         prefixes = prefixes.take(taken)
     out: dict[str, pa.Array] = {
         "anchor": _instruct(query.take(taken), prefixes, policy),
-        "positive": pos_flat.take(pa.array((pos_start + choice)[sel])),
+        "positive": pos_flat.take(pa.array(pos_start[take] + picked)),
     }
     for k, idx in enumerate(neg_idx):
-        out[f"negative_{k + 1}"] = neg_flat.take(pa.array(idx[sel]))
+        out[f"negative_{k + 1}"] = neg_flat.take(pa.array(idx[take]))
     if documents:
         for column in list(out)[1:]:
             out[column] = _instruct(out[column], prefixes, policy)
     for column in out:
         out[column] = out[column].cast(pa.large_string())
+    if expand:
+        out[POSITIVE_GROUP] = pa.array(rows[take] + group_offset, pa.int64())
     if scores is not None:
-        scores = scores[sel]
         out["label"] = pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel()), scores.shape[1]).cast(
             pa.list_(pa.float64())
         )
@@ -412,6 +428,17 @@ def _first_non_list(dataset: Any, column: str) -> int:
         at = _first(pc.invert(pc.starts_with(pc.utf8_ltrim_whitespace(storage), "[")))
         return at or 0
     return 0
+
+
+def most_positives(dataset: Any) -> int:
+    """The longest ``pos`` list of a KaLM / FlagEmbedding dataset, 1 for other formats (Arrow: no per-row work)."""
+    if "pos" not in dataset.column_names:
+        return 1
+    kind = dataset.features.arrow_schema.field("pos").type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        return 1  # not a list: convert_pairs names the row
+    lengths = pc.list_value_length(dataset.data.table.column("pos"))
+    return int(pc.max(lengths).as_py() or 0)
 
 
 def source_task_type(dataset: Any, label: str) -> str | None:
@@ -453,12 +480,21 @@ def convert_pairs(
     ragged_negatives: str = "resample",
     instructed_queries: str = "keep",
     instruction: str | None = None,
+    positives: str = "epoch",
+    group_offset: int = 0,
+    several_positives: bool | None = None,
 ) -> Any:
     """KaLM / FlagEmbedding / F2LLM rows -> a ``Dataset(anchor, positive, negative_1..n[, label])`` (module doc).
 
     A batched ``map`` in Arrow format: cached by ``datasets``' fingerprint (a rerun reads the cache file, checks
     nothing again), memory-mapped. Bad input raises :class:`DataValidationError` naming ``label``, the 0-based row
     and the column.
+
+    ``positives``: ``epoch`` (default): a row with several positives becomes one row per positive, grouped by a
+    ``positive_group`` column (``group_offset`` + the row: pass the rows of the task's earlier shards), for the
+    sampler's per-epoch draw (:mod:`kalm_st.data.positive_groups`); ``once``: one positive per row, drawn at load
+    by a hash of ``(seed, row)``. ``several_positives``: whether any row of the task has several (None: look at this
+    dataset); the shards of one task must agree, so that they concatenate.
     """
     columns = dataset.column_names
     fmt = detect_format(columns)
@@ -484,6 +520,10 @@ def convert_pairs(
         "instruction": instruction or resolved.instruction,
         "documents": resolved.documents,
         "neg_columns": neg_columns,
+        "expand": positives == "epoch"
+        and fmt == "kalm"
+        and bool(several_positives if several_positives is not None else most_positives(dataset) > 1),
+        "group_offset": int(group_offset),
     }
     converted = dataset.with_format("arrow").map(
         _convert_batch,
@@ -495,7 +535,10 @@ def convert_pairs(
         desc=f"Reading {task_name}",
     )
     converted = converted.with_format(None)
-    dropped = len(dataset) - len(converted)
+    kept = len(converted)
+    if kwargs["expand"]:  # one row per positive: count the source rows (groups) kept
+        kept = pc.count_distinct(converted.data.table.column(POSITIVE_GROUP)).as_py()
+    dropped = len(dataset) - kept
     if dropped:
         logger.warning(
             "%s: %d of %d row(s) dropped (empty 'neg' in a task with negatives%s)",
@@ -568,6 +611,7 @@ __all__ = [
     "has_glob",
     "is_remote_path",
     "list_subtasks",
+    "most_positives",
     "open_source",
     "parse_hub_path",
     "source_task_type",

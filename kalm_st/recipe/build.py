@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import re
@@ -325,6 +326,7 @@ def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: boo
         check_sibling_columns,
         convert_pairs,
         detect_format,
+        most_positives,
         open_source,
         source_task_type,
         task_negatives,
@@ -416,6 +418,8 @@ def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: boo
                         f"{config.stage!r}); empty 'neg' lists train in-batch only, in a pretrain stage"
                     ]
                 )
+            offsets = [0, *itertools.accumulate(len(part) for _, part in parts)]  # group ids unique over shards
+            several = any(most_positives(part) > 1 for _, part in parts)
             converted = [
                 convert_pairs(
                     part,
@@ -427,8 +431,11 @@ def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: boo
                     ragged_negatives=config.data.ragged_negatives,
                     instructed_queries=config.data.instructed_queries,
                     instruction=task.instruction,
+                    positives=config.data.positives,
+                    group_offset=offset,
+                    several_positives=several,
                 )
-                for label, part in parts
+                for (label, part), offset in zip(parts, offsets, strict=False)
             ]
             dataset = concatenate_datasets(converted) if len(converted) > 1 else converted[0]
             task = dataclasses.replace(task, converted=True)
@@ -462,8 +469,11 @@ def build_prompts(tasks: dict[str, Any], datasets: Any) -> dict[str, dict[str, s
     return build_training_prompts(datasets, {name: task.type or "Retrieval" for name, task in tasks.items()})
 
 
-def _multi_dataset_sampler(config: StageConfig, task_names: Sequence[str] | None = None) -> Any:
-    """The rank-aware, task-homogeneous batch sampler (every rank draws the same task at each step)."""
+def _multi_dataset_sampler(
+    config: StageConfig, task_names: Sequence[str] | None = None, positive_groups: dict[str, Any] | None = None
+) -> Any:
+    """The rank-aware, task-homogeneous batch sampler (every rank draws the same task at each step); tasks with
+    ``positive_groups`` train one positive per query per epoch."""
     from kalm_st.sampling import TaskHomogeneousBatchSampler
 
     assert config.data is not None
@@ -472,6 +482,7 @@ def _multi_dataset_sampler(config: StageConfig, task_names: Sequence[str] | None
         homogeneous_ratio=config.data.homogeneous_ratio,
         length_aware=config.data.length_aware,
         task_names=list(config.data.tasks if task_names is None else task_names),
+        positive_groups=positive_groups or None,
     )
 
 
@@ -494,9 +505,13 @@ class StageRun:
 
 
 def training_arguments(
-    config: StageConfig, prompts: dict[str, Any] | None = None, task_names: Sequence[str] | None = None
+    config: StageConfig,
+    prompts: dict[str, Any] | None = None,
+    task_names: Sequence[str] | None = None,
+    positive_groups: dict[str, Any] | None = None,
 ) -> Any:
-    """``SentenceTransformerTrainingArguments(**config.args)`` plus what YAML cannot hold (sampler class, prompts)."""
+    """``SentenceTransformerTrainingArguments(**config.args)`` plus what YAML cannot hold (sampler class, prompts,
+    the positive groups of :func:`kalm_st.data.positive_groups.split_positive_groups`)."""
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     assert config.data is not None
@@ -508,13 +523,30 @@ def training_arguments(
             args["bf16"] = use_bf16(args["bf16"], cuda=on_cuda, what=f"{config.source}: args.bf16")
         except ValueError as error:
             raise ConfigError(str(error)) from error
-    args.setdefault("multi_dataset_batch_sampler", _multi_dataset_sampler(config, task_names))
+    args.setdefault("multi_dataset_batch_sampler", _multi_dataset_sampler(config, task_names, positive_groups))
     if prompts is not None and "prompts" not in config.args:
         args["prompts"] = prompts
     try:
         return SentenceTransformerTrainingArguments(**args)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{config.source}: args: {error}") from error
+
+
+def _split_groups(datasets: Any) -> tuple[Any, dict[str, Any]]:
+    from datasets import DatasetDict
+
+    from kalm_st.data.positive_groups import load_starts, split_positive_groups
+
+    plain, groups = split_positive_groups(datasets)
+    for task, starts in groups.items():
+        queries = len(load_starts(starts, len(plain[task]), f"task {task!r}"))
+        logger.info(
+            "Task %r: %d rows, one per positive of %d queries: one per query per epoch",
+            task,
+            len(plain[task]),
+            queries,
+        )
+    return DatasetDict(plain), groups
 
 
 def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: bool = False) -> StageRun:
@@ -534,6 +566,10 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     if config.data.eval_tasks:
         eval_tasks = resolve_tasks(config, config.data.eval_tasks, with_sources=False, skip_remote=dry_run)
         eval_dataset, eval_tasks = load_sources(config, eval_tasks, skip_remote=dry_run)
+    # one row per positive of a query: the sampler draws one per epoch; the group column must not reach the collator
+    train_dataset, positive_groups = _split_groups(train_dataset)
+    if eval_dataset is not None:
+        eval_dataset, _ = _split_groups(eval_dataset)  # evaluated on every positive
     prompts = build_prompts({**train_tasks, **eval_tasks}, train_dataset)
     if eval_dataset is not None:
         prompts.update(build_prompts(eval_tasks, eval_dataset))
@@ -544,7 +580,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     # The model first: creating the training arguments initialises torch.distributed under torchrun, after which
     # transformers' save_pretrained (used when building a model from a config) writes on rank 0 only.
     model = build_stage_model(config)
-    args = training_arguments(config, prompts, list(train_tasks))
+    args = training_arguments(config, prompts, list(train_tasks), positive_groups)
     losses = build_losses(model, config, train_tasks)
     if dry_run and not len(train_dataset):  # every source is remote: nothing to build a trainer on offline
         return StageRun(config, model, train_dataset, eval_dataset, losses, args, None)

@@ -200,6 +200,8 @@ class DataConfig:
             ``keep`` the row's instruction (default), ``replace`` it with the task's, or ``strip`` it (no instruction).
         ragged_negatives: Rows with ``0 < len(neg) < num_negatives``: ``resample`` (seeded draws with replacement
             from the row's own, the authors' behaviour) or ``drop`` the row.
+        positives: KaLM / FlagEmbedding rows with several positives: ``epoch`` (one per row per epoch, a seeded draw
+            of the sampler; :mod:`kalm_st.data.positive_groups`) or ``once`` (one drawn at load, every epoch).
     """
 
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
@@ -210,6 +212,7 @@ class DataConfig:
     sources: tuple[SourceConfig, ...] = ()
     instructed_queries: Literal["keep", "strip", "replace"] = "keep"
     ragged_negatives: Literal["resample", "drop"] = "resample"
+    positives: Literal["epoch", "once"] = "epoch"
 
 
 @dataclass(frozen=True)

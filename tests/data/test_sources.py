@@ -148,14 +148,14 @@ def test_ragged_neg_resampled_identically_and_scores_follow_the_choice(tmp_path:
     again, _ = _load(_config(tmp_path / "b", {"tasks": {"trec": {"path": str(path)}}, "num_negatives": 3}))
     assert first["trec"].to_dict() == again["trec"].to_dict()
     other, _ = _load(StageConfig.from_dict({**config.to_dict(), "seed": 7}, "t"))
-    assert (
-        other["trec"]["negative_2"] != first["trec"]["negative_2"]
-        or other["trec"]["positive"] != first["trec"]["positive"]
-    )
+    # rows with 2 of the 3 negatives wanted draw the third from their own: another seed, another draw
+    assert other["trec"]["negative_3"] != first["trec"]["negative_3"]
     data = first["trec"]
     prompt = KALM_INSTRUCTION_TEMPLATE.format(instruction="Retrieve the answer")
-    for i, row in enumerate(data):
-        src = rows[i]
+    # several positives: one row per positive, in the list's order, each naming its source row
+    assert data["positive_group"] == [i for i, src in enumerate(rows) for _ in src["pos"]]
+    for row in data:
+        src = rows[row["positive_group"]]
         assert row["anchor"] == prompt + src["query"]
         j = src["pos"].index(row["positive"])
         assert row["label"][0] == src["pos_scores"][j]
