@@ -203,23 +203,14 @@ def _teacher_score(args: argparse.Namespace) -> int:
 
 
 def _teacher_embed(args: argparse.Namespace) -> int:
-    from datasets import DatasetDict
-
-    from kalm_st.data import negative_columns_of, write_training_data
-    from kalm_st.data.teacher_embeddings import attach_teacher_embeddings, embed_texts
+    from kalm_st.data import write_training_data
+    from kalm_st.data.teacher_embeddings import embed_training_data
 
     data, _ = _load(args)
-    teacher = _load_model(args)
-    out = DatasetDict()
-    for task, dataset in data.items():
-        columns = ["anchor", "positive", *negative_columns_of(dataset)]
-        texts = [text for column in columns for text in dataset[column]]
-        # the teacher embeds the texts as loaded, without the student's prompts (its own space is the target)
-        embed_texts(
-            texts, teacher, args.cache_dir, teacher_name=args.teacher_id or args.model,
-            chunk_size=args.chunk_size, batch_size=args.batch_size,
-        )  # fmt: skip
-        out[task] = attach_teacher_embeddings(dataset, args.cache_dir, columns)
+    out = embed_training_data(
+        data, _load_model(args), args.cache_dir, teacher_name=args.teacher_id or args.model,
+        chunk_size=args.chunk_size, batch_size=args.batch_size,
+    )  # fmt: skip
     write_training_data(out, args.output)
     return 0
 

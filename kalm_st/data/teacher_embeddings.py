@@ -179,4 +179,36 @@ def attach_teacher_embeddings(dataset: Any, folder: str | os.PathLike[str], colu
     return Dataset(InMemoryTable(table.append_column("label", label)))
 
 
-__all__ = ["attach_teacher_embeddings", "embed_texts", "load_cache", "teacher_fingerprint", "text_keys"]
+def embed_training_data(
+    data: Any,
+    teacher: Any,
+    folder: str | os.PathLike[str],
+    *,
+    teacher_name: str,
+    chunk_size: int = 1024,
+    batch_size: int = 32,
+) -> Any:
+    """Every text of every task (anchor, positive, negatives) embedded into one cache, then each task with its
+    ``label`` of teacher embeddings ``(2 + n, d)`` (:func:`attach_teacher_embeddings`; a ``label`` of teacher
+    scores is replaced). One cache for all tasks, so a rerun or a killed run embeds only what is missing. The
+    teacher embeds the texts as they are, without the student's prompts: its own space is the target."""
+    from datasets import DatasetDict
+
+    from kalm_st.data.formats import negative_columns_of
+
+    columns = {task: ["anchor", "positive", *negative_columns_of(dataset)] for task, dataset in data.items()}
+    texts = [text for task, dataset in data.items() for column in columns[task] for text in dataset[column]]
+    embed_texts(texts, teacher, folder, teacher_name=teacher_name, chunk_size=chunk_size, batch_size=batch_size)
+    return DatasetDict(
+        {task: attach_teacher_embeddings(dataset, folder, columns[task]) for task, dataset in data.items()}
+    )
+
+
+__all__ = [
+    "attach_teacher_embeddings",
+    "embed_texts",
+    "embed_training_data",
+    "load_cache",
+    "teacher_fingerprint",
+    "text_keys",
+]

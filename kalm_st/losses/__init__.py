@@ -5,7 +5,8 @@
 - :class:`CachedFocalInfoNCE`: the same with GradCache;
 - :class:`ContrastiveDistillation`: ``L_focal + alpha * KL(teacher || student)`` in one forward pass;
 - :class:`EmbeddingDistillation`: a base loss plus embedding-level distillation through a trainable projection
-  (:class:`ProjectionStateCallback` / :func:`load_projection_state` checkpoint the projection;
+  (:func:`fit_projection`: its ridge-fitted start; :class:`ProjectionStateCallback` / :func:`load_projection_state`
+  checkpoint the projection;
   :class:`ProjectionSyncCallback` keeps it identical across processes);
 - :class:`FalseNegativeLoggingCallback`: logs the optional false-negative mask's count (``false_negative_mask=True``);
 - :func:`kalm_matryoshka`: sentence-transformers' ``MatryoshkaLoss`` with KaLM's dims and weights.
@@ -24,6 +25,7 @@ from kalm_st.losses.false_negative_logging import FalseNegativeLoggingCallback
 from kalm_st.losses.focal_info_nce import FocalInfoNCE
 from kalm_st.losses.hard_negative_mixing import HardNegativeMixing
 from kalm_st.losses.matryoshka import MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS, kalm_matryoshka, matryoshka_dims_for
+from kalm_st.losses.projection_init import fit_projection, ridge_projection
 from kalm_st.losses.projection_state import (
     ProjectionStateCallback,
     ProjectionSyncCallback,
@@ -47,8 +49,10 @@ __all__ = [
     "ProjectionStateCallback",
     "ProjectionSyncCallback",
     "distillation_losses",
+    "fit_projection",
     "functional",
     "kalm_matryoshka",
     "load_projection_state",
     "matryoshka_dims_for",
+    "ridge_projection",
 ]

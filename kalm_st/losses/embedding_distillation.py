@@ -28,6 +28,9 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
         metric: Literal["cosine", "mse"] = "cosine",
         columns: Sequence[int] | None = None,
         bias: bool = True,
+        projection_init: Literal["random", "ridge"] = "random",
+        projection_init_rows: int = 256,
+        projection_ridge: float = 0.01,
     ) -> None:
         """Embedding-level distillation through a trainable projection: ``L = L_base + weight * L_emb``.
 
@@ -56,6 +59,13 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
             metric: ``"cosine"`` (default) or ``"mse"``.
             columns: Indices of the input columns to distill (default all).
             bias: Whether the projection has a bias.
+            projection_init: ``random`` (``nn.Linear``'s) or ``ridge``: start at the ridge fit of the teacher's
+                embeddings on the starting student's over ``projection_init_rows`` training rows, ridge
+                ``projection_ridge`` (:func:`~kalm_st.losses.fit_projection`; docs/distillation.md measured it).
+                kalm-st's recipe fits it on the task's training rows before training; with your own trainer call
+                ``fit_projection(loss, train_dataset, prompts)`` first.
+            projection_init_rows: Rows (each with all its texts) of the ridge fit.
+            projection_ridge: ``lambda`` of the fit, relative to the mean eigenvalue of the student's covariance.
 
         Matryoshka:
             Under :class:`~sentence_transformers.sentence_transformer.losses.MatryoshkaLoss` the loss sees truncated
@@ -99,6 +109,12 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         if metric not in ("cosine", "mse"):
             raise ValueError(f"metric must be 'cosine' or 'mse', got {metric!r}")
+        if projection_init not in ("random", "ridge"):
+            raise ValueError(f"projection_init must be 'random' or 'ridge', got {projection_init!r}")
+        if not (isinstance(projection_init_rows, int) and projection_init_rows > 0):
+            raise ValueError(f"projection_init_rows must be a positive integer, got {projection_init_rows!r}")
+        if not (isinstance(projection_ridge, int | float) and 0 <= projection_ridge < float("inf")):
+            raise ValueError(f"projection_ridge must be a finite number >= 0, got {projection_ridge!r}")
         student_dim = model.get_embedding_dimension()
         if student_dim is None:
             raise ValueError("The model does not report its embedding dimension.")
@@ -109,6 +125,9 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
         self.weight = float(weight)
         self.metric = metric
         self.columns = None if columns is None else [int(c) for c in columns]
+        self.projection_init = projection_init
+        self.projection_init_rows = projection_init_rows
+        self.projection_ridge = float(projection_ridge)
         self.projection = nn.Linear(self.student_dim, teacher_dim, bias=bias)
         # The projection starts on the model's device and dtype (at least float32: its updates are small).
         param = next(model.parameters(), None)
@@ -261,6 +280,7 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
             "weight": self.weight,
             "metric": self.metric,
             "columns": self.columns,
+            "projection_init": self.projection_init,
         }
 
     @property

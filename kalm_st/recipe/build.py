@@ -532,6 +532,19 @@ def training_arguments(
         raise ConfigError(f"{config.source}: args: {error}") from error
 
 
+def _fit_projections(losses: dict[str, nn.Module], datasets: Any, prompts: Any, seed: int) -> None:
+    """Start each ``projection_init: ridge`` projection at its ridge fit on the task's training rows (a resumed run
+    then loads the checkpoint's projection over it)."""
+    from kalm_st.losses import distillation_losses, fit_projection
+
+    for task, loss in losses.items():
+        for distillation in distillation_losses(loss):
+            if distillation.projection_init == "ridge":
+                task_prompts = prompts.get(task) if isinstance(prompts, dict) else None
+                fit_projection(distillation, datasets[task], task_prompts if isinstance(task_prompts, dict) else None,
+                               seed=seed)  # fmt: skip
+
+
 def _split_groups(datasets: Any) -> tuple[Any, dict[str, Any]]:
     from datasets import DatasetDict
 
@@ -593,6 +606,8 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     from kalm_st.losses.projection_state import ProjectionStateCallback, ProjectionSyncCallback, distillation_losses
 
     projected = distillation_losses(losses)
+    if not dry_run:  # the fit encodes training texts: nothing a dry run should spend time on
+        _fit_projections(losses, train_dataset, args.prompts, config.seed)
     if projected:  # the projection into the teacher's space is loss state: save it into each checkpoint ...
         callbacks.append(ProjectionStateCallback(projected))
         callbacks.append(ProjectionSyncCallback(projected))  # ... and keep it the same on every process

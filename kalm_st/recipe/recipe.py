@@ -144,6 +144,26 @@ class TeacherScoreStep:
 
 
 @dataclass(frozen=True)
+class TeacherEmbedStep:
+    """Teacher embeddings of every text of each row (:func:`kalm_st.data.teacher_embeddings.embed_training_data`)
+    into ``label``, ``(2 + n, d)`` per row: what :class:`~kalm_st.losses.EmbeddingDistillation` and in-batch
+    :class:`~kalm_st.losses.ContrastiveDistillation` read; output: a training file. The texts are embedded as they
+    are (no student prompts); the cache (``{step_dir}/cache``) is keyed by text and teacher, memory-mapped and
+    resumable. ``teacher`` and ``dtype`` as for ``teacher-score``."""
+
+    teacher: str
+    data: tuple[str, ...] = ()
+    sources: tuple[SourceConfig, ...] = ()
+    batch_size: int = 32
+    chunk_size: int = 1024
+    teacher_id: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    task_types: dict[str, TaskType] = field(default_factory=dict)
+    instructions: bool = True
+    """How the input files' ``instruction`` column is read (as for the other curation steps)."""
+
+
+@dataclass(frozen=True)
 class SoupStep:
     """Parameter average of models (:func:`kalm_st.recipe.soup.soup`); output: the souped model."""
 
@@ -180,6 +200,7 @@ STEP_KINDS: Mapping[str, type] = {
     "filter": FilterStep,
     "label": LabelStep,
     "teacher-score": TeacherScoreStep,
+    "teacher-embed": TeacherEmbedStep,
     "soup": SoupStep,
     "eval": EvalStep,
     "push": PushStep,
@@ -300,7 +321,9 @@ def parse_step(raw: Any, index: int, source: str) -> Step:
 
 def _check_values(settings: Any, where: str) -> None:
     """Value checks the types cannot express (counts >= 1, ranges in order), each naming the key."""
-    if isinstance(settings, MineStep | FilterStep | TeacherScoreStep) and not (settings.data or settings.sources):
+    if isinstance(settings, MineStep | FilterStep | TeacherScoreStep | TeacherEmbedStep) and not (
+        settings.data or settings.sources
+    ):
         raise ConfigError(f"{where}: needs data (files or @steps) or sources (folders, globs, hf:// datasets).")
     for key in ("batch_size", "num_negatives", "top_k", "range_max", "chunk_size"):
         value = getattr(settings, key, None)
@@ -382,6 +405,7 @@ __all__ = [
     "RecipeError",
     "SoupStep",
     "Step",
+    "TeacherEmbedStep",
     "TeacherScoreStep",
     "TrainStep",
     "is_reference",

@@ -56,7 +56,7 @@ def default_output(step: Step, step_dir: Path) -> Path | None:
         return Path(step.output)
     if step.kind in ("train", "soup"):
         return step_dir / "final"
-    if step.kind in ("mine", "filter", "label", "teacher-score"):
+    if step.kind in ("mine", "filter", "label", "teacher-score", "teacher-embed"):
         return step_dir / DATA_FILE
     if step.kind == "eval":
         return step_dir / "results"
@@ -376,6 +376,17 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
     return summary
 
 
+def run_teacher_embed(ctx: StepContext) -> dict[str, Any]:
+    from kalm_st.data.teacher_embeddings import embed_training_data
+
+    s = ctx.settings
+    out = embed_training_data(
+        _load_data(s, ctx).data, load_teacher(s, ctx), ctx.step_dir / "cache",
+        teacher_name=s.teacher_id or s.teacher, chunk_size=s.chunk_size, batch_size=s.batch_size,
+    )  # fmt: skip
+    return {"rows": _write(out, ctx.output), "teacher": s.teacher}
+
+
 def _dtype_kwargs(dtype: str) -> dict[str, Any]:
     """``model_kwargs`` for a teacher's weights: ``auto`` is bfloat16 on a GPU (an 8B teacher), float32 on CPU."""
     import torch
@@ -465,6 +476,7 @@ RUNNERS: Mapping[str, Callable[[StepContext], dict[str, Any]]] = {
     "filter": _encoding_in_cpu_bf16(run_filter),
     "label": run_label,
     "teacher-score": run_teacher_score,  # teacher scores stay in fp32
+    "teacher-embed": run_teacher_embed,  # teacher embeddings too
     "soup": run_soup,
     "eval": _encoding_in_cpu_bf16(run_eval),
     "push": run_push,
@@ -477,6 +489,7 @@ _INPUT_FIELDS: Mapping[str, tuple[str, ...]] = {
     "filter": ("model", "data", "sources", "corpus"),
     "label": ("data",),
     "teacher-score": ("teacher", "data", "sources"),
+    "teacher-embed": ("teacher", "data", "sources"),
     "soup": ("models",),
     "eval": ("model", "data_dir"),
     "push": ("model", "results"),

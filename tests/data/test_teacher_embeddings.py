@@ -164,3 +164,35 @@ def test_bad_teacher_embeddings_in_a_file_are_named(tmp_path) -> None:
     assert "row 1: column 'label'" in problems[0] and "3" in problems[0]
     assert "row 2: column 'label'" in problems[1]
     assert "row 3: column 'label'" in problems[2] and "NaN" in problems[2]
+
+
+def test_the_teacher_embed_recipe_step_embeds_every_task_in_one_cache(minilm_dir, tmp_path) -> None:
+    """``kind: teacher-embed``: the (2 + n, d) label of each row is the teacher's own encoding of its texts, for
+    every task of the step, from one cache; a rerun of the step embeds nothing."""
+    import pyarrow.parquet as pq
+
+    from kalm_st.recipe.recipe import load_recipe
+    from kalm_st.recipe.runner import run_recipe
+    from tests.recipe.conftest import write_rows
+
+    sts = write_rows(tmp_path / "STSBenchmark.jsonl", num_rows=6, num_negatives=2, with_label=False)
+    trec = write_rows(tmp_path / "TrecQA.jsonl", num_rows=4, num_negatives=2, with_label=False)
+    recipe = tmp_path / "embed.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        "steps:\n"
+        f"  - {{name: embed, kind: teacher-embed, teacher: '{minilm_dir}', data: ['{sts}', '{trec}'],\n"
+        "     instructions: false, chunk_size: 5}\n"
+    )
+    run_recipe(load_recipe(recipe))
+    table = pq.read_table(tmp_path / "run" / "embed" / "data.parquet").to_pydict()
+    assert sorted(set(table["task"])) == ["STSBenchmark", "TrecQA"]
+    teacher = SentenceTransformer(str(minilm_dir), device="cpu")
+    for i in (0, 7):  # a row of each task: anchor, positive, negative_2 against a direct encode
+        label = np.asarray(table["label"][i], dtype=np.float32)
+        assert label.shape == (4, 384)
+        for k, column in ((0, "anchor"), (1, "positive"), (3, "negative_2")):
+            np.testing.assert_allclose(label[k], teacher.encode(table[column][i]), rtol=1e-4, atol=1e-5)
+    keys, _, filled = load_cache(tmp_path / "run" / "embed" / "cache")
+    texts = {t for column in ("anchor", "positive", "negative_1", "negative_2") for t in table[column]}
+    assert len(keys) == len(texts) and filled.all()  # one cache holding both tasks' texts
