@@ -89,3 +89,11 @@ def test_a_stage_with_projection_init_ridge_starts_at_the_fit(tmp_path: Path) ->
     assert run.args.prompts["STSBenchmark"] == {c: p for c, p in prompts.items() if p}  # what the fit encoded with
     loss = run.losses["STSBenchmark"]
     torch.testing.assert_close(loss.projection.weight.detach(), a, atol=2e-3, rtol=2e-3)
+
+
+def test_identical_student_embeddings_are_a_clear_error() -> None:
+    from kalm_st.losses import ridge_projection
+
+    same = torch.ones(10, 4) / 2  # every text embedded alike (e.g. all cut to the same prompt)
+    with pytest.raises(ValueError, match="embeddings of the fitting texts are all the same"):
+        ridge_projection(same, torch.randn(10, 3), ridge=0.01)
