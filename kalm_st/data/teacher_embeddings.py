@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from kalm_st.data.embedding_store import lookup, model_fingerprint, text_keys
+from kalm_st.data.embedding_store import as_arrow_strings, lookup, model_fingerprint, text_keys
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def embed_texts(
-    texts: Sequence[str],
+    texts: Sequence[str] | Any,
     teacher: Any,
     folder: str | os.PathLike[str],
     *,
@@ -56,6 +57,8 @@ def embed_texts(
     max_chunks: int | None = None,
 ) -> np.ndarray:
     """Embed every distinct text into the cache at ``folder``; return the cache row of each input text ``(N,)``.
+
+    ``texts``: a list or an Arrow string array (no Python object per text then, but for the chunk being encoded).
 
     Resumable: rows are written chunk by chunk (``chunk_size`` texts, memory-mapped) and marked filled after each
     chunk, so a rerun embeds only what is missing. ``max_chunks`` stops after that many chunks (for tests and for
@@ -67,6 +70,7 @@ def embed_texts(
     folder.mkdir(parents=True, exist_ok=True)
     fingerprint = teacher_fingerprint(teacher, teacher_name)
     dim = int(teacher.get_embedding_dimension())
+    texts = as_arrow_strings(texts)
     keys = text_keys(texts)
     unique_keys, first, rows = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     unique_keys, first, rows = unique_keys, np.asarray(first), np.asarray(rows).reshape(-1)
@@ -119,7 +123,7 @@ def embed_texts(
         if max_chunks is not None and number >= max_chunks:
             break
         chunk = missing[begin : begin + chunk_size]
-        chunk_texts = [texts[int(i)] for i in first[chunk]]
+        chunk_texts = texts.take(pa.array(first[chunk])).to_pylist()
         vectors = teacher.encode(chunk_texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         embeddings[chunk] = np.asarray(vectors, dtype=np.float32)
         embeddings.flush()
@@ -146,8 +150,9 @@ def attach_teacher_embeddings(dataset: Any, folder: str | os.PathLike[str], colu
     """``dataset`` with a ``label`` column ``(len(columns), d)`` float32 per row: the cached teacher embeddings of
     the row's texts in ``columns`` (e.g. anchor, positive, negative_1, ...). ``ValueError`` naming the column and
     row of a text the cache lacks."""
-    import pyarrow as pa
     from datasets import Dataset
+
+    from kalm_st.data.candidates import arrow_column
 
     keys, embeddings, filled = load_cache(folder)
     dim = embeddings.shape[1]
@@ -157,7 +162,7 @@ def attach_teacher_embeddings(dataset: Any, folder: str | os.PathLike[str], colu
             raise ValueError(
                 f"attach_teacher_embeddings: the dataset has no column {column!r} ({dataset.column_names})"
             )
-        rows = lookup(text_keys(dataset[column]), keys)
+        rows = lookup(text_keys(arrow_column(dataset, column)), keys)
         ok = rows >= 0
         ok[ok] = filled[rows[ok]]
         if not ok.all():
@@ -194,10 +199,14 @@ def embed_training_data(
     teacher embeds the texts as they are, without the student's prompts: its own space is the target."""
     from datasets import DatasetDict
 
+    from kalm_st.data.candidates import arrow_column
     from kalm_st.data.formats import negative_columns_of
 
     columns = {task: ["anchor", "positive", *negative_columns_of(dataset)] for task, dataset in data.items()}
-    texts = [text for task, dataset in data.items() for column in columns[task] for text in dataset[column]]
+    texts = pa.chunked_array(
+        [as_arrow_strings(arrow_column(dataset, c)) for task, dataset in data.items() for c in columns[task]],
+        type=pa.large_string(),
+    )
     embed_texts(texts, teacher, folder, teacher_name=teacher_name, chunk_size=chunk_size, batch_size=batch_size)
     return DatasetDict(
         {task: attach_teacher_embeddings(dataset, folder, columns[task]) for task, dataset in data.items()}
