@@ -38,13 +38,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from kalm_st.data.writing import write_training_data  # re-exported: the reader and the writer of one format
 from kalm_st.instructions import SINGLE_TEXT_TASK_TYPES, bake_instructions, column_prompts
 
 logger = logging.getLogger(__name__)
@@ -791,82 +791,6 @@ def build_training_prompts(
         entry = column_prompts(columns, task, task_types.get(task))
         prompts[task] = {column: prompt for column, prompt in entry.items() if prompt}
     return prompts
-
-
-def _plain(value: Any) -> Any:
-    """Nested lists of Python numbers/strings from arrays (pandas gives arrays of arrays for 2-D labels)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def write_training_data(data: Dataset | DatasetDict, path: str | os.PathLike[str]) -> Path:
-    """Write normalised data to one ``.jsonl``/``.csv``/``.parquet`` file, atomically (temp file + rename).
-
-    A ``DatasetDict`` is written with a ``task`` column, which :func:`load_training_data` splits again (tasks with
-    fewer columns get nulls in the others). Parquet is written from the Arrow tables as they are (no Python object
-    per row: a curation output of millions of rows streams to disk); jsonl / csv go through pandas.
-    """
-    target = Path(path)
-    suffix = target.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
-        raise ValueError(f"{target}: unsupported output format {suffix!r}; use .jsonl, .csv or .parquet")
-    if suffix == ".parquet":
-        return _write_parquet(data, target)
-    if isinstance(data, DatasetDict):
-        import pandas as pd
-
-        frames = []
-        for task, dataset in data.items():
-            frame = dataset.to_pandas()
-            frame.insert(0, "task", task)
-            frames.append(frame)
-        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    else:
-        frame = data.to_pandas()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        if suffix in (".jsonl", ".json"):
-            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
-        else:
-            for column in frame.columns:
-                if frame[column].map(lambda v: isinstance(v, list | tuple) or hasattr(v, "tolist")).any():
-                    frame[column] = frame[column].map(lambda v: json.dumps(_plain(v)) if v is not None else None)
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _write_parquet(data: Dataset | DatasetDict, target: Path) -> Path:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    parts = list(data.items()) if isinstance(data, DatasetDict) else [(None, data)]
-    tables = []
-    for task, dataset in parts:
-        table = dataset.with_format("arrow")[:]  # the dataset's rows in order (memory-mapped where it is)
-        if task is not None:
-            table = table.add_column(0, "task", pc.fill_null(pa.nulls(len(table), pa.string()), task))
-        tables.append(table)
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from datasets import Dataset
 from kalm_st.data.candidates import arrow_column, column_array
 from kalm_st.data.embedding_store import encode_cached, text_keys
 from kalm_st.data.formats import negative_columns_of
+from kalm_st.data.positive_groups import POSITIVE_GROUP, group_starts
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -191,7 +192,11 @@ def _with_label(dataset: Dataset, scores: np.ndarray) -> Dataset:
 def as_flag_embedding(dataset: Dataset) -> Dataset:
     """Scored rows in FlagEmbedding's layout: ``query``, ``pos: [positive]``, ``neg: [negative_1..n]``,
     ``pos_scores: [label[0]]``, ``neg_scores: label[1:]`` (the raw teacher scores, aligned with ``pos`` / ``neg``),
-    built from the Arrow columns (no per-row Python objects)."""
+    built from the Arrow columns (no per-row Python objects).
+
+    Rows of one ``positive_group`` (one query's positives, :mod:`kalm_st.data.positive_groups`) become one row again:
+    ``pos`` lists their positives in order, ``neg`` their negatives one row after another (each row may have been
+    mined its own), the scores aligned with both."""
     for column in ("anchor", "positive", "label"):
         if column not in dataset.column_names:
             raise ValueError(f"as_flag_embedding: missing column {column!r} (have {dataset.column_names})")
@@ -203,17 +208,20 @@ def as_flag_embedding(dataset: Dataset) -> Dataset:
         row = int(np.flatnonzero(widths != 1 + n_neg)[0])
         raise ValueError(f"as_flag_embedding: row {row}: label has {widths[row]} scores for {1 + n_neg} texts")
     scores = pc.list_flatten(label).to_numpy(zero_copy_only=False).astype(np.float64).reshape(n_rows, 1 + n_neg)
-    one = pa.array(np.arange(n_rows + 1, dtype=np.int32))
-    per_row = pa.array(np.arange(n_rows + 1, dtype=np.int32) * n_neg)  # n_neg values per row (0: empty lists)
+    # output row g holds input rows starts[g] .. starts[g + 1] - 1 (one each without groups)
+    starts = group_starts(dataset) if POSITIVE_GROUP in dataset.column_names else np.arange(n_rows, dtype=np.int64)
+    bounds = np.append(starts, n_rows)
+    per_group = pa.array(bounds.astype(np.int32))  # positives (and their scores) of each output row
+    per_group_neg = pa.array((bounds * n_neg).astype(np.int32))  # n_neg negatives per input row (0: empty lists)
     order = (np.arange(n_neg)[None, :] * n_rows + np.arange(n_rows)[:, None]).ravel()  # row i's negatives together
     stacked = pa.concat_arrays([column_array(dataset, c) for c in negatives] or [pa.array([], pa.large_string())])
     table = pa.table(
         {
-            "query": column_array(dataset, "anchor"),
-            "pos": pa.ListArray.from_arrays(one, column_array(dataset, "positive")),
-            "neg": pa.ListArray.from_arrays(per_row, stacked.take(pa.array(order, type=pa.int64()))),
-            "pos_scores": pa.ListArray.from_arrays(one, pa.array(scores[:, 0])),
-            "neg_scores": pa.ListArray.from_arrays(per_row, pa.array(scores[:, 1:].ravel())),
+            "query": column_array(dataset, "anchor").take(pa.array(starts)),
+            "pos": pa.ListArray.from_arrays(per_group, column_array(dataset, "positive")),
+            "neg": pa.ListArray.from_arrays(per_group_neg, stacked.take(pa.array(order, type=pa.int64()))),
+            "pos_scores": pa.ListArray.from_arrays(per_group, pa.array(scores[:, 0])),
+            "neg_scores": pa.ListArray.from_arrays(per_group_neg, pa.array(scores[:, 1:].ravel())),
         }
     )
     return Dataset(table)

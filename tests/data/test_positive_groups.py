@@ -196,3 +196,22 @@ def test_group_starts_are_checked() -> None:
     with pytest.raises(ValueError, match="start at row 0"):
         load_starts(np.array([1, 3]), 10)
     assert load_starts(np.array([0, 2, 9]), 10).tolist() == [0, 2, 9]
+
+
+def test_flag_embedding_output_regroups_a_querys_positives(tmp_path: Path) -> None:
+    from kalm_st.data.teacher_scores import as_flag_embedding
+
+    folder, rows = _two_shards(tmp_path)
+    config = _config(tmp_path, {"tasks": {"trec": {"path": str(folder)}}})
+    trec = load_sources(config, resolve_tasks(config, config.data.tasks))[0]["trec"]
+    # scores as a teacher would give them: row i's positive 100 + i, its negative -(100 + i)
+    scored = trec.add_column("label", [[100.0 + i, -100.0 - i] for i in range(len(trec))])
+    flag = as_flag_embedding(scored).to_list()
+    assert [row["query"] for row in flag] == [r["query"] for r in rows]
+    assert [row["pos"] for row in flag] == [r["pos"] for r in rows]  # the source rows' positive lists, in order
+    first = np.cumsum([0] + [len(r["pos"]) for r in rows])[:-1]
+    for g, row in enumerate(flag):
+        members = range(first[g], first[g] + len(rows[g]["pos"]))
+        assert row["pos_scores"] == [100.0 + i for i in members]
+        assert row["neg"] == [rows[g]["neg"][0]] * len(members)  # each member row's one negative, in turn
+        assert row["neg_scores"] == [-100.0 - i for i in members]
