@@ -12,7 +12,7 @@ QUICKSTART_RECIPE = Path("training/recipes/quickstart.yaml")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quickstart",
-        help="run training/recipes/quickstart.yaml (SmolLM2-135M, bundled data, ~11 min on 2 CPU cores) -> kalm-v2/",
+        help="run training/recipes/quickstart.yaml (SmolLM2-135M, bundled data, 11-17 min on 2 CPU cores) -> kalm-v2/",
         description="Run from the root of a kalm-st clone. The same as `kalm-st run training/recipes/quickstart.yaml`: "
         "stage 1 (in-batch InfoNCE), filtering + mining + labelling with the stage-1 model, teacher scores, stage 2 "
         "(focal + mixing + Matryoshka), stage 3 (distillation) and a soup, with held-out scores before and after. "
