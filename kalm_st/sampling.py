@@ -140,8 +140,9 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
             group)``, so a query with several positives trains one of them per epoch. Rows drawn to fill mixed
             batches (r < 1) are drawn over rows.
 
-    Per epoch, task ``t`` with ``n_t`` rows (groups, for a task with ``positive_groups``) gives ``floor(n_t / (ceil(r * batch_size) * world_size))`` steps; the
-    steps of all tasks are shuffled together (larger tasks are drawn more often, as ST's proportional sampler).
+    Per epoch, task ``t`` with ``n_t`` rows (groups, for a task with ``positive_groups``) gives
+    ``floor(n_t / (ceil(r * batch_size) * world_size))`` steps; the steps of all tasks are shuffled together (larger
+    tasks are drawn more often, as ST's proportional sampler).
     """
 
     def __init__(
