@@ -23,7 +23,7 @@ from torch import nn
 
 from kalm_st.precision import use_bf16
 from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
-from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, StageConfig, TaskConfig
+from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, LossName, StageConfig, TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _cached_mnrl() -> type[nn.Module]:
     return CachedMultipleNegativesRankingLoss
 
 
-LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
+LOSSES: dict[LossName, Callable[[], type[nn.Module]]] = {
     "focal_infonce": _focal_infonce,
     "cached_focal_infonce": _cached_focal_infonce,
     "contrastive_distillation": _contrastive_distillation,
@@ -77,7 +77,8 @@ LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
     "multiple_negatives_ranking": _mnrl,
     "cached_multiple_negatives_ranking": _cached_mnrl,
 }
-"""Loss name (``loss.name`` in a stage YAML) -> the loss class. ``focal_infonce`` with ``gamma: 0`` is InfoNCE."""
+"""Loss name (``loss.name`` in a stage YAML, a :data:`~kalm_st.recipe.config.LossName`) -> the loss class.
+``focal_infonce`` with ``gamma: 0`` is InfoNCE."""
 
 _KALM_LOSSES = ("focal_infonce", "cached_focal_infonce")
 _WRAPPING_LOSSES = ("contrastive_distillation", "embedding_distillation")
@@ -570,8 +571,6 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     from kalm_st.recipe.mixing_state import MixingStateCallback, mixing_objects
     from kalm_st.sampling import SamplerEpochCallback
 
-    if not config.is_training:
-        raise ConfigError(f"{config.source}: stage 'soup' has no trainer; use kalm_st.recipe.soup.run_soup.")
     assert config.data is not None
     train_tasks = resolve_tasks(config, config.data.tasks, skip_remote=dry_run)
     train_dataset, train_tasks = load_sources(config, train_tasks, skip_remote=dry_run)
@@ -644,7 +643,7 @@ def save_resolved_config(config: StageConfig) -> Path:
 def run_stage(
     config: StageConfig, *, resume: bool = False, dry_run: bool = False, callbacks: Sequence[Any] = ()
 ) -> Path | None:
-    """Run one stage: train (or soup) and write ``{output_dir}/final`` atomically. Rank-aware under torchrun.
+    """Run one stage: train and write ``{output_dir}/final`` atomically. Rank-aware under torchrun.
 
     Args:
         config: The validated stage config.
@@ -655,10 +654,6 @@ def run_stage(
     Returns:
         The final model folder, or None for a dry run.
     """
-    if not config.is_training:
-        from kalm_st.recipe.soup import run_soup
-
-        return run_soup(config, dry_run=dry_run)
     checkpoint = None
     if resume:
         checkpoint = last_complete_checkpoint(config.output_dir)

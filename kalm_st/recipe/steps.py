@@ -227,8 +227,7 @@ def stage_config(settings: Any, step: Step, step_dir: Path) -> StageConfig:
 
 
 def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
-    """Every path or model id a stage reads, each with whether it is a model: its starting model, its data files,
-    its soup ingredients."""
+    """Every path or model id a stage reads, each with whether it is a model: its starting model, its data files."""
     inputs: list[tuple[str, bool]] = []
     if config.model is not None:
         inputs.append((config.model.init_from, True))
@@ -236,8 +235,6 @@ def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
         inputs += [(task.path, False) for task in config.data.tasks.values()]
         inputs += [(task.path, False) for task in config.data.eval_tasks.values()]
         inputs += [(source.path, False) for source in config.data.sources]
-    if config.soup is not None:
-        inputs += [(path, True) for path in config.soup.models]
     return inputs
 
 
