@@ -5,7 +5,7 @@ which pulls in peft, protobuf, sentencepiece and immutables for what is, in the 
 tensor. The soup here is that mean, computed in float64 and cast back to each tensor's dtype, with checks that every
 model has the same modules, parameter names, shapes and dtypes. The first model provides everything that is not a
 parameter (tokenizer, pooling and normalisation config, prompts). ``tests/recipe/test_soup.py`` pins the result to
-the exact mean, and to ``SentenceTransformer.merge(method="linear")`` where mergekit is installed.
+the exact mean and to ``SentenceTransformer.merge(method="linear")`` (mergekit is in the ``test`` extra).
 """
 
 from __future__ import annotations
