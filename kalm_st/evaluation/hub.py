@@ -308,12 +308,12 @@ def push_model(
     Raises:
         HubPushError: offline, not logged in, or no permission (the token is never shown).
     """
-    from kalm_st.evaluation.run import load_model_for_eval
+    from kalm_st.model_source import resolve_model
 
     model_dir = None
     if isinstance(model, (str, os.PathLike)):
         model_dir = Path(os.fspath(model))
-        model = load_model_for_eval(model_dir)
+        model = resolve_model(model_dir, hub="embedder")
     st_model: SentenceTransformer = model  # type: ignore[assignment]
     if training_configs is None:
         training_configs = find_training_configs(model_dir) if model_dir is not None else []

@@ -175,48 +175,29 @@ def build_losses(model: Any, config: StageConfig, tasks: dict[str, Any] | None =
 
 
 def build_stage_model(config: StageConfig) -> Any:
-    """The stage's starting model: a previous stage's output / an ST folder, a decoder backbone, or a built-in.
-
-    Errors name the config file and the ``model`` key (a missing ``init_from``, an unsupported architecture, a bad
-    attention back-end).
-    """
-    assert config.model is not None
-    try:
-        return _build_stage_model(config)
-    except ConfigError:
-        raise
-    except FileNotFoundError as error:
-        hint = ""
-        if Path(config.model.init_from).name == "final":
-            hint = " (a previous stage's output: run that stage first)"
-        raise FileNotFoundError(f"{config.source}: model.init_from: {str(error).rstrip('.')}{hint}.") from error
-    except ValueError as error:
-        raise ConfigError(f"{config.source}: model: {error}") from error
-
-
-def _build_stage_model(config: StageConfig) -> Any:
-    from kalm_st.model import build_model, load_model
-    from kalm_st.recipe.backbones import BUILTIN_PREFIX, write_builtin_backbone
+    """The stage's starting model (``model.init_from``, read by :func:`kalm_st.model_source.resolve_model`); errors
+    name the config file and the ``model`` key (a missing folder, an unsupported architecture, a bad attention
+    back-end)."""
+    from kalm_st.model_source import resolve_model
 
     assert config.model is not None
     spec = config.model
-    common: dict[str, Any] = {"max_seq_length": spec.max_seq_length, "dtype": spec.dtype}
-    if spec.init_from.startswith(BUILTIN_PREFIX):
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="kalm-st-builtin-") as folder:
-            write_builtin_backbone(spec.init_from, folder, seed=config.seed, source=config.source)
-            return build_model(folder, attn_implementation=spec.attn_implementation, **common)
-    if (Path(spec.init_from) / "modules.json").is_file():
-        from kalm_st.model import resolve_dtype
-
-        model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(spec.dtype)}
-        if spec.attn_implementation is not None:
-            model_kwargs["attn_implementation"] = spec.attn_implementation
-        model = load_model(spec.init_from, model_kwargs=model_kwargs)
-        model.max_seq_length = spec.max_seq_length
-        return model
-    return build_model(spec.init_from, seed=config.seed, attn_implementation=spec.attn_implementation, **common)
+    try:
+        return resolve_model(
+            spec.init_from,
+            what=f"{config.source}: model.init_from",
+            seed=config.seed,
+            dtype=spec.dtype,
+            attn_implementation=spec.attn_implementation,
+            max_seq_length=spec.max_seq_length,
+        )
+    except (ConfigError, OSError):
+        raise
+    except ValueError as error:  # the architecture or back-end checks of transformers and kalm-st
+        message = str(error)
+        raise ConfigError(
+            message if message.startswith(config.source) else f"{config.source}: model: {message}"
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------------------------------

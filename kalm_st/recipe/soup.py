@@ -84,14 +84,9 @@ def soup(
     weights: Sequence[float] | None = None,
 ) -> Path:
     """Load the models, average them and save the soup (atomically, loadable with plain ``SentenceTransformer``)."""
-    from kalm_st.model import load_model
+    from kalm_st.model_source import resolve_model
 
-    for path in model_paths:
-        if not (Path(path) / "modules.json").is_file():
-            raise FileNotFoundError(
-                f"Soup ingredient {os.fspath(path)!r} is not a sentence-transformers model folder."
-            )
-    models = [load_model(path, device="cpu") for path in model_paths]
+    models = [resolve_model(path, what=f"soup: models[{i}]", device="cpu") for i, path in enumerate(model_paths)]
     result = soup_models(models, weights)
     result.save(os.fspath(output_path))
     logger.info("Souped %d models into %s", len(models), output_path)

@@ -164,7 +164,7 @@ def test_missing_previous_stage_output(capsys, tmp_path: Path) -> None:
     missing = tmp_path / "stage1" / "final"
     overrides = [f"model.init_from={missing}", f"data.tasks.STSBenchmark.path={rows}"]
     assert _dry_run(capsys, tmp_path, overrides) == (
-        f"model.init_from: Backbone {str(missing)!r} does not exist (a previous stage's output: run that stage first)."
+        f"model.init_from {str(missing)!r} does not exist (a previous stage's output: run that stage first)."
     )
 
 
