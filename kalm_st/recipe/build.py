@@ -286,18 +286,12 @@ def resolve_tasks(
     return out
 
 
-def load_task_datasets(config: StageConfig, tasks: dict[str, Any], *, skip_remote: bool = False) -> Any:
-    """A ``DatasetDict`` keyed by task with columns ``anchor, positive, negative_1..n[, label]``.
-
-    ``tasks``: :class:`TaskConfig` or :class:`~kalm_st.data.sources.TaskSource` by name. kalm-st's own columns are
-    validated by :func:`kalm_st.data.load_training_data`, KaLM / FlagEmbedding / F2LLM rows converted by
-    :func:`kalm_st.data.sources.convert_pairs` (file, row and column in every error).
-    """
-    return load_sources(config, tasks, skip_remote=skip_remote)[0]
-
-
 def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: bool = False) -> tuple[Any, dict]:
-    """``(DatasetDict, {name: TaskSource with the type the data asked for})``; see :func:`load_task_datasets`."""
+    """``(DatasetDict, {name: TaskSource with the type the data asked for})``: a ``DatasetDict`` keyed by task with
+    columns ``anchor, positive, negative_1..n[, label]``. ``tasks``: :class:`TaskConfig` or
+    :class:`~kalm_st.data.sources.TaskSource` by name. kalm-st's own columns are validated by
+    :func:`kalm_st.data.load_training_data`, KaLM / FlagEmbedding / F2LLM rows converted by
+    :func:`kalm_st.data.sources.convert_pairs` (file, row and column in every error)."""
     import dataclasses
 
     from datasets import DatasetDict, concatenate_datasets

@@ -31,7 +31,6 @@ from typing import Any, Literal
 import yaml
 
 StageKind = Literal["pretrain", "finetune", "distill"]
-STAGE_KINDS: tuple[str, ...] = typing.get_args(StageKind)
 
 LossName = Literal[
     "focal_infonce",
@@ -575,7 +574,6 @@ def _to_plain(value: Any) -> Any:
 __all__ = [
     "FINAL_MODEL_DIRNAME",
     "RESOLVED_CONFIG_NAME",
-    "STAGE_KINDS",
     "ConfigError",
     "DataConfig",
     "LossConfig",

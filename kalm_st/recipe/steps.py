@@ -328,7 +328,12 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
 
     s = ctx.settings
     inputs = _load_data(s, ctx)
-    teacher = CrossEncoder(s.teacher, model_kwargs=_dtype_kwargs(s.dtype)) if s.cross_encoder else load_teacher(s, ctx)
+    if s.cross_encoder:
+        from kalm_st.model import resolve_dtype
+
+        teacher = CrossEncoder(s.teacher, model_kwargs={"dtype": resolve_dtype(s.dtype)})
+    else:
+        teacher = load_teacher(s, ctx)
     out = DatasetDict()
     for task, dataset in inputs.data.items():
         # A reranker reads (query, text) pairs as they are; an embedding teacher gets the task's instructions.
@@ -361,15 +366,6 @@ def run_teacher_embed(ctx: StepContext) -> dict[str, Any]:
         teacher_name=s.teacher_id or s.teacher, chunk_size=s.chunk_size, batch_size=s.batch_size,
     )  # fmt: skip
     return {"rows": _write(out, ctx.output), "teacher": s.teacher}
-
-
-def _dtype_kwargs(dtype: str) -> dict[str, Any]:
-    """``model_kwargs`` for a teacher's weights: ``auto`` is bfloat16 on a GPU (an 8B teacher), float32 on CPU."""
-    import torch
-
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    return {"dtype": getattr(torch, dtype)}
 
 
 def load_teacher(settings: Any, ctx: StepContext) -> Any:
