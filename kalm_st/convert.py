@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from kalm_st.model import KaLMSentenceTransformer, build_model
-from kalm_st.model_source import decoder_settings, local_model_folder
+from kalm_st.model import KaLMSentenceTransformer, build_model, local_model_folder
+from kalm_st.model_source import decoder_settings
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kalm_st.io import read_json
-from kalm_st.model import _HUB_ID, DEFAULT_MAX_SEQ_LENGTH
+from kalm_st.model import DEFAULT_MAX_SEQ_LENGTH, local_model_folder
 from kalm_st.recipe.backbones import BUILTIN_PREFIX
 
 
@@ -101,29 +101,6 @@ def builtin_folder(name: str, builtin_dir: str | os.PathLike[str], seed: int = 0
     return folder
 
 
-def local_model_folder(value: str | os.PathLike[str], what: str = "model") -> Path | None:
-    """The local model folder ``value`` names, or None for a Hub id (the Hub online); raises for anything else: a
-    missing path, a file, a folder that is neither a sentence-transformers model nor a decoder checkpoint."""
-    from huggingface_hub import constants
-
-    text = os.fspath(value)
-    path = Path(text)
-    if path.is_file():
-        raise NotADirectoryError(f"{what} {text!r} is a file; give the model's folder.")
-    if path.is_dir():
-        if (path / "modules.json").is_file() or (path / "config.json").is_file():
-            return path
-        hint = ""
-        if (path / "final" / "modules.json").is_file():
-            hint = f" (it holds a model in {str(path / 'final')!r}: a stage's output folder; give that)"
-        raise FileNotFoundError(f"{what} {text!r} has neither modules.json nor config.json: not a model folder{hint}.")
-    if _HUB_ID.match(text) and not constants.HF_HUB_OFFLINE:
-        return None
-    offline = " (and the Hub is offline: HF_HUB_OFFLINE is set)" if _HUB_ID.match(text) else ""
-    hint = " (a previous stage's output: run that stage first)" if path.name == "final" else ""
-    raise FileNotFoundError(f"{what} {text!r} does not exist{offline}{hint}.")
-
-
 def resolve_model(
     value: str | os.PathLike[str],
     *,
@@ -195,4 +172,4 @@ def resolve_model(
     return build_model(text, max_seq_length=max_seq_length or DEFAULT_MAX_SEQ_LENGTH, **build)
 
 
-__all__ = ["builtin_folder", "decoder_settings", "is_released_layout", "local_model_folder", "resolve_model"]
+__all__ = ["builtin_folder", "decoder_settings", "is_released_layout", "resolve_model"]
