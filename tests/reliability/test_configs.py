@@ -149,7 +149,7 @@ def test_loss_hyperparameters_name_file_and_key(capsys, tmp_path: Path, override
 def test_more_negatives_asked_than_the_data_has(capsys, tmp_path: Path) -> None:
     message = _dry_run(capsys, tmp_path, ["data.num_negatives=10"])
     assert message == (
-        "data.num_negatives is 10, but data.tasks.STSBenchmark (training/data/tiny_train.jsonl) has 3 negatives "
+        "data.num_negatives is 10, but data.tasks.STSBenchmark (data/tiny/tiny_train.jsonl) has 3 negatives "
         "per row; lower data.num_negatives or mine more negatives."
     )
 
