@@ -90,3 +90,59 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU case (benchmarks/gpu_check.py): the same comparison in bf16 on the GPU, per attention back-end
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def gpu_case(ctx) -> dict:
+    """sentences/s of ``kalm_st.build_model`` in bf16 against a stock sentence-transformers stack (``Transformer`` +
+    ``Pooling(mean)`` + ``Normalize``) on the same saved weights, alternating runs, per attention back-end."""
+    from gpu_lib import BACKENDS, input_path, stsb_sentences
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    count, batch_size, rounds = ctx.pick((4096, 256, 3), (32, 16, 1))
+    sentences = stsb_sentences(count)
+
+    def run(backend: str) -> dict:
+        folder = str(ctx.checkpoint())
+        kalm = build_model(folder, dtype=ctx.dtype, attn_implementation=backend, device=ctx.device, max_seq_length=512)
+        transformer = Transformer(
+            folder, max_seq_length=512, model_kwargs={"dtype": ctx.torch_dtype(), "attn_implementation": backend}
+        )
+        stock = SentenceTransformer(
+            modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="mean"), Normalize()],
+            device=ctx.device,
+            model_card_data=SentenceTransformerModelCardData(local_files_only=True),
+        )
+        stacks = {"kalm_st": kalm.eval(), "stock": stock.eval()}
+        sample = sentences[: 2 * batch_size]
+        with torch.inference_mode():
+            encoded = [
+                m.encode(sample, batch_size=batch_size, convert_to_tensor=True).float() for m in stacks.values()
+            ]
+            rates: dict[str, list[float]] = {name: [] for name in stacks}
+            for _ in range(rounds):  # alternate, so drift in machine load hits both alike
+                for name, model in stacks.items():
+                    seconds = ctx.timed(lambda m=model: m.encode(sentences, batch_size=batch_size))
+                    rates[name].append(len(sentences) / seconds)
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        return {
+            "path": input_path(kalm.preprocess(sample[:4])),
+            "modules": {name: [type(m).__name__ for m in model] for name, model in stacks.items()},
+            "sentences_per_s": medians,
+            "ratio_kalm_over_stock": medians["kalm_st"] / medians["stock"],
+            "min_cosine_kalm_vs_stock": float(torch.nn.functional.cosine_similarity(*encoded).min()),
+        }
+
+    return {
+        "notes": [
+            f"{ctx.dtype}, {len(sentences)} STS-B test sentences (data/stsb/test.csv), batch {batch_size}, "
+            f"median of {rounds} alternating rounds"
+        ],  # fmt: skip
+        "runs": ctx.each(({"backend": b} for b in BACKENDS), run),
+    }

@@ -288,5 +288,50 @@ def main() -> None:
         args.output.write_text(text + "\n", encoding="utf8")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU case (benchmarks/gpu_check.py): the cached loss's memory at the paper's batch on the real model shape
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def gpu_case(ctx) -> dict:
+    """``CachedFocalInfoNCE`` at batch 1024 (mini-batch 64) against ``FocalInfoNCE`` at 48 (anchor 64 tokens, positive
+    512), sdpa: peak memory and step time (the CPU smoke: 32 / 8 against 8, 16 and 32 tokens)."""
+    from gpu_lib import long_texts, text_lengths
+
+    cached, mini, uncached, anchor_len, positive_len, warmup, steps = ctx.pick(
+        (1024, 64, 48, 64, 512, 1, 2), (32, 8, 8, 16, 32, 0, 1)
+    )
+    model = ctx.load("sdpa", positive_len)
+    model.train()
+
+    def run(loss: str, batch: int, mini_batch: int | None) -> dict:
+        model.max_seq_length = anchor_len
+        anchors = ctx.features(model, long_texts(batch, anchor_len, offset=1))
+        model.max_seq_length = positive_len
+        positives = ctx.features(model, long_texts(batch, positive_len, offset=2))
+        module = make_loss(loss, model, mini_batch_size=mini_batch or 1)
+        values: list[float] = []
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            value = module([dict(anchors), dict(positives)], None)
+            value.backward()
+            values.append(float(value.detach()))
+
+        _, timing = ctx.median_times(step, warmup, steps)
+        model.zero_grad(set_to_none=True)
+        tokens = sum(text_lengths(anchors)) + sum(text_lengths(positives))
+        return {"tokens_per_step": tokens, "loss_values": values, **timing}
+
+    plan = [
+        {"loss": "FocalInfoNCE", "batch": uncached, "mini_batch": None},
+        {"loss": "CachedFocalInfoNCE", "batch": cached, "mini_batch": mini},
+    ]
+    return {
+        "notes": [f"sdpa, {ctx.dtype}, anchor {anchor_len} / positive {positive_len} tokens, in-batch negatives"],
+        "runs": ctx.each(plan, run),
+    }
+
+
 if __name__ == "__main__":
     main()

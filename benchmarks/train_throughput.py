@@ -142,3 +142,87 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU case (benchmarks/gpu_check.py): forward + backward tokens/s and model FLOP utilisation of the real model shape
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _pair_info_nce(embeddings: torch.Tensor) -> torch.Tensor:
+    """In-batch InfoNCE of the first half (queries) against the second half (documents), temperature 0.05."""
+    half = embeddings.size(0) // 2
+    logits = embeddings[:half] @ embeddings[half : 2 * half].T / 0.05
+    return torch.nn.functional.cross_entropy(logits.float(), torch.arange(half, device=logits.device))
+
+
+def gpu_case(ctx) -> dict:
+    """A Qwen2-0.5B-shaped embedder (random weights, the real tokenizer), bf16, 48 texts x 512 tokens: forward +
+    backward tokens/s, MFU and peak memory for sdpa and flash-attention-2, with and without activation
+    checkpointing (the CPU smoke: the tiny config, 4 x 32)."""
+    from gpu_lib import BACKENDS, flop_count, input_path, long_texts, peak_bf16_tflops, text_lengths
+
+    batch, seq, warmup, steps = ctx.pick((48, 512, 2, 5), (4, 32, 1, 2))
+    device_name = torch.cuda.get_device_name() if not ctx.smoke else "cpu"
+    peak, source = peak_bf16_tflops(device_name) if not ctx.smoke else (None, None)
+    if ctx.peak_override is not None:
+        peak, source = ctx.peak_override, "--peak-tflops"
+
+    def run(backend: str, checkpointing: bool) -> dict:
+        model = ctx.load(backend, seq)
+        model.train()
+        if checkpointing:
+            backbone = model[0].auto_model
+            # transformers 5 renamed gradient_checkpointing_enable (which now warns) to activation_checkpointing_enable
+            enable = (
+                getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+            )
+            enable({"use_reentrant": False})
+            if not any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
+                raise RuntimeError("activation checkpointing did not switch on")
+        features = ctx.features(model, long_texts(batch, seq))
+        lengths = text_lengths(features)
+        flops = flop_count(model[0].auto_model.config, lengths)
+        losses: list[float] = []
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            loss = _pair_info_nce(model(dict(features))["sentence_embedding"])
+            loss.backward()
+            losses.append(float(loss.detach()))
+
+        times, timing = ctx.median_times(step, warmup, steps)
+        step_s = timing["step_s_median"]
+        hardware = flops["hardware_flops_with_checkpointing"] if checkpointing else flops["model_flops"]
+        return {
+            "path": input_path(features),
+            "tokens_per_step": flops["tokens"],
+            "min_max_len": [min(lengths), max(lengths)],
+            "tokens_per_s": flops["tokens"] / step_s,
+            "model_flops_per_step": flops["model_flops"],
+            "hardware_flops_per_step": hardware,
+            "model_tflops_per_s": flops["model_flops"] / step_s / 1e12,
+            "mfu": flops["model_flops"] / step_s / 1e12 / peak if peak else None,
+            "hfu": hardware / step_s / 1e12 / peak if peak else None,
+            "loss_first_last": [losses[0], losses[-1]],
+            **timing,
+        }
+
+    runs = ctx.each(({"backend": b, "checkpointing": c} for b in BACKENDS for c in (False, True)), run)
+    full = flop_count(ctx.config(), [seq] * batch)
+    mfus = [r["mfu"] for r in runs if r["status"] == "ok" and not r["checkpointing"] and r["mfu"] is not None]
+    return {
+        "notes": [
+            f"{batch} x {seq} tokens, {ctx.dtype}, random weights; loss: in-batch InfoNCE over {batch // 2} pairs; "
+            "no optimizer step.",
+            f"Model FLOPs/step = 3 * (2*N*T + 4*L*H*sum_i s_i^2); at full rows N = {full['matmul_params']:,}, "
+            f"T = {full['tokens']:,}: 6*N*T = {3 * full['dense_forward']:.4g}, attention term "
+            f"{3 * full['attention_forward']:.4g}. HFU with checkpointing: 4 * forward.",
+            f"Peak bf16: {peak} TFLOP/s ({source or 'device not in the table: pass --peak-tflops'}), {device_name}.",
+        ],
+        "batch": batch,
+        "seq_len": seq,
+        "peak_bf16_tflops": peak,
+        "runs": runs,
+        "goals": {"mfu_at_least_40_percent": max(mfus) >= 0.40 if mfus else None},
+    }

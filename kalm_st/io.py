@@ -95,3 +95,11 @@ def damaged_files(folder: str | os.PathLike[str]) -> list[str]:
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             problems.append(f"{name}: {type(error).__name__}: {first_line}")
     return problems
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file's content; a file that does not parse is a ``ValueError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error

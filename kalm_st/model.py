@@ -175,18 +175,28 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _check_exists(path: str, what: str) -> None:
-    """Raise ``FileNotFoundError`` for a missing local path; let a Hub id through unless the Hub is offline."""
-    if Path(path).exists():
-        return
+def local_model_folder(value: str | os.PathLike[str], what: str = "Model") -> Path | None:
+    """The local model folder ``value`` names, or None for a Hub id (the Hub online). Anything else raises, naming
+    ``what`` and the value: a missing path, a file, a folder that is neither a sentence-transformers model nor a
+    transformers checkpoint (with a hint when it holds a stage's ``final/`` model)."""
     from huggingface_hub import constants
 
-    if _HUB_ID.match(path) and not constants.HF_HUB_OFFLINE:
-        return
-    raise FileNotFoundError(
-        f"{what} {path!r} does not exist"
-        + (" (and the Hub is offline: HF_HUB_OFFLINE is set)." if _HUB_ID.match(path) else ".")
-    )
+    text = os.fspath(value)
+    path = Path(text)
+    if path.is_file():
+        raise NotADirectoryError(f"{what} {text!r} is a file; give the model's folder.")
+    if path.is_dir():
+        if (path / "modules.json").is_file() or (path / "config.json").is_file():
+            return path
+        hint = ""
+        if (path / "final" / "modules.json").is_file():
+            hint = f" (it holds a model in {str(path / 'final')!r}: a stage's output folder; give that)"
+        raise FileNotFoundError(f"{what} {text!r} has neither modules.json nor config.json: not a model folder{hint}.")
+    if _HUB_ID.match(text) and not constants.HF_HUB_OFFLINE:
+        return None
+    offline = " (and the Hub is offline: HF_HUB_OFFLINE is set)" if _HUB_ID.match(text) else ""
+    hint = " (a previous stage's output: run that stage first)" if path.name == "final" else ""
+    raise FileNotFoundError(f"{what} {text!r} does not exist{offline}{hint}.")
 
 
 def build_model(
@@ -246,15 +256,7 @@ def build_model(
             source = scratch
         else:
             source = os.fspath(backbone)
-            _check_exists(source, "Backbone")
-            if Path(source).is_file():
-                raise NotADirectoryError(
-                    f"Backbone {source!r} is a file; give the checkpoint's folder (with config.json) or a Hub id."
-                )
-            if Path(source).is_dir() and not (Path(source) / "config.json").exists():
-                raise FileNotFoundError(
-                    f"Backbone folder {source!r} has no config.json: not a transformers checkpoint."
-                )
+            local_model_folder(source, "Backbone")
         transformer = BidirectionalDecoder(
             source,
             max_seq_length=max_seq_length,
@@ -277,15 +279,8 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> KaLMSentenceTrans
     A local folder is checked first: one that is not a model, or holds a damaged file (truncated weights, unparsable
     JSON; :func:`kalm_st.io.damaged_files`), is refused with the file named, not with a deep loader error.
     """
-    _check_exists(os.fspath(path), "Model")
-    folder = Path(path)
-    if folder.is_file():
-        raise NotADirectoryError(f"Model {os.fspath(path)!r} is a file; give the model's folder.")
-    if folder.is_dir():
-        if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"Model folder {os.fspath(path)!r} has neither modules.json nor config.json: not a saved model."
-            )
+    folder = local_model_folder(path, "Model")
+    if folder is not None:
         damaged = damaged_files(folder)
         if damaged:
             raise ValueError(f"Model folder {os.fspath(path)!r} is damaged: {'; '.join(damaged)}.")

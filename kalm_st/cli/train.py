@@ -12,7 +12,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="run one training stage (pretrain, finetune, distill) or a model soup from a YAML config",
+        help="run one training stage (pretrain, finetune, distill) from a YAML config",
         description="Run one stage of the KaLM recipe from a YAML config (training/configs/*.yaml). The resolved "
         "config is saved as OUTPUT_DIR/resolved_config.yaml, checkpoints as OUTPUT_DIR/checkpoint-N, the final "
         "model (atomically) as OUTPUT_DIR/final.",

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from kalm_st.data.counter_hash import splitmix64
+
 POSITIVE_GROUP = "positive_group"
 """The column naming a row's source row (int64): rows of one query with several positives share it."""
 
@@ -118,14 +120,12 @@ def load_starts(starts: GroupStarts, n_rows: int, what: str = "task") -> np.ndar
 def draw_members(starts: np.ndarray, n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """One row per group for ``epoch``: ``starts[g] + h(seed, epoch, g) mod size[g]`` (int64, one per group).
 
-    ``h`` is splitmix64 (:func:`kalm_st.data.sources._mix`), counter-based: independent of batching, ranks and the
+    ``h`` is :func:`~kalm_st.data.counter_hash.splitmix64`, counter-based: independent of batching, ranks and the
     order groups are visited in.
     """
-    from kalm_st.data.sources import _mix
-
     starts = np.asarray(starts, dtype=np.int64)
     sizes = np.diff(np.append(starts, n_rows)).astype(np.uint64)
-    offsets = _mix(seed, np.arange(len(starts), dtype=np.int64), _EPOCH_SALT + int(epoch)) % np.maximum(sizes, 1)
+    offsets = splitmix64(seed, np.arange(len(starts), dtype=np.int64), _EPOCH_SALT + int(epoch)) % np.maximum(sizes, 1)
     return starts + offsets.astype(np.int64)
 
 

@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kalm_st.data.counter_hash import splitmix64
 from kalm_st.data.formats import _FORMATS, DataValidationError, read_table
 from kalm_st.data.positive_groups import POSITIVE_GROUP
 from kalm_st.instructions import INSTRUCTED_TEXT_PATTERN, KALM_INSTRUCTION_TEMPLATE, resolve_instruction
@@ -217,19 +218,6 @@ def detect_format(columns: Sequence[str]) -> str:
     return "st"
 
 
-def _mix(seed: int, rows: np.ndarray, salt: int) -> np.ndarray:
-    """splitmix64 of ``(seed, row, salt)``: a counter-based uint64 per row, independent of batching."""
-    with np.errstate(over="ignore"):
-        x = rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        x ^= np.uint64((seed * 0x632BE59BD9B4E019 + salt * 0x85EBCA77C2B2AE63) & 0xFFFFFFFFFFFFFFFF)
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
 def _first(mask: pa.Array) -> int | None:
     index = pc.index(pc.fill_null(mask, True), True).as_py()
     return None if index < 0 else index
@@ -349,7 +337,7 @@ def _convert_batch(
     if at.size:
         _fail(label, int(rows[at[0]]), pos_name, "empty list: every row needs a positive")
     _check_texts(pos_flat, np.repeat(rows, pos_len), label, pos_name, "positive")
-    choice = (_mix(seed, rows, 0) % pos_len.astype(np.uint64)).astype(np.int64) if n else np.zeros(0, np.int64)
+    choice = (splitmix64(seed, rows, 0) % pos_len.astype(np.uint64)).astype(np.int64) if n else np.zeros(0, np.int64)
     keep = np.ones(n, dtype=bool)
     neg_idx: list[np.ndarray] = []
     if neg_col is not None:
@@ -361,7 +349,7 @@ def _convert_batch(
                 keep &= neg_len >= num_negatives
             safe_len = np.maximum(neg_len, 1).astype(np.uint64)
             for k in range(num_negatives):
-                drawn = (_mix(seed, rows, k + 1) % safe_len).astype(np.int64)
+                drawn = (splitmix64(seed, rows, k + 1) % safe_len).astype(np.int64)
                 neg_idx.append(neg_start + np.where(k < neg_len, k, drawn))
     sel = np.flatnonzero(keep)  # rows kept (all but empty / too short negatives)
     if expand:  # one output row per positive: take[i] is its source row, picked[i] its positive in the list

@@ -72,7 +72,7 @@ def find_training_configs(model_dir: str | os.PathLike[str]) -> list[dict[str, A
     """The resolved configs of the stages that produced ``model_dir``, first stage first.
 
     Looks for ``resolved_config.yaml`` in the model folder or its parent (``{output_dir}/final``), then follows
-    ``model.init_from`` (and a soup's ``soup.models``) back to earlier stages.
+    ``model.init_from`` back to earlier stages.
     """
     configs: list[dict[str, Any]] = []
     seen: set[Path] = set()
@@ -84,9 +84,9 @@ def find_training_configs(model_dir: str | os.PathLike[str]) -> list[dict[str, A
                 seen.add(candidate.resolve())
                 config = yaml.safe_load(candidate.read_text(encoding="utf8")) or {}
                 configs.append(config)
-                sources = [((config.get("model") or {}).get("init_from"))]
-                sources += list((config.get("soup") or {}).get("models") or [])
-                pending.extend(Path(s) for s in sources if s and Path(s).exists())
+                source = (config.get("model") or {}).get("init_from")
+                if source and Path(source).exists():
+                    pending.append(Path(source))
                 break
     return list(reversed(configs))
 
@@ -131,11 +131,6 @@ def _recipe_section(configs: Sequence[Mapping[str, Any]]) -> str:
         data = config.get("data") or {}
         for name, task in (data.get("tasks") or {}).items():
             parts.append(f"- **Data** `{name}`: `{task.get('path')}` ({task.get('type')})")
-        soup = config.get("soup") or {}
-        if soup:
-            parts.append(
-                f"- **Model soup** of {len(soup.get('models') or [])} checkpoints, weights `{soup.get('weights')}`"
-            )
         args = config.get("args") or {}
         keys = (
             "learning_rate",
@@ -313,12 +308,12 @@ def push_model(
     Raises:
         HubPushError: offline, not logged in, or no permission (the token is never shown).
     """
-    from kalm_st.evaluation.run import load_model_for_eval
+    from kalm_st.model_source import resolve_model
 
     model_dir = None
     if isinstance(model, (str, os.PathLike)):
         model_dir = Path(os.fspath(model))
-        model = load_model_for_eval(model_dir)
+        model = resolve_model(model_dir, hub="embedder")
     st_model: SentenceTransformer = model  # type: ignore[assignment]
     if training_configs is None:
         training_configs = find_training_configs(model_dir) if model_dir is not None else []

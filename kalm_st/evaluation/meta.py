@@ -8,11 +8,10 @@ languages, parameter count, Matryoshka dims, training datasets and the instructi
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mteb.models import ModelMeta
 
@@ -90,11 +89,6 @@ def build_model_meta(
     )
 
 
-def load_model_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``model_meta.json`` mteb wrote next to a model's results."""
-    return json.loads(Path(path).read_text(encoding="utf8"))
-
-
 def export_results_folder(
     output_dir: str | os.PathLike[str],
     model_meta: ModelMeta,
@@ -133,6 +127,5 @@ __all__ = [
     "MATRYOSHKA_DIMS",
     "build_model_meta",
     "export_results_folder",
-    "load_model_meta",
     "matryoshka_dims",
 ]

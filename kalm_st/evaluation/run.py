@@ -98,20 +98,6 @@ class EvaluationRun:
     seconds: float = 0.0
 
 
-def load_model_for_eval(model: str | os.PathLike[str], device: str | None = None) -> SentenceTransformer:
-    """Load a local model folder (or a Hub id when online); ``FileNotFoundError`` with the path if it is missing."""
-    from kalm_st.model import load_model
-
-    path = os.fspath(model)
-    if (
-        Path(path).exists()
-        and not (Path(path) / "modules.json").exists()
-        and not (Path(path) / "config.json").exists()
-    ):
-        raise FileNotFoundError(f"Model folder {path!r} has neither modules.json nor config.json: not a model.")
-    return load_model(path, device=device)
-
-
 def check_writable(output_dir: str | os.PathLike[str]) -> Path:
     """Create ``output_dir`` if needed and prove it is writable, with a clear ``PermissionError`` if not."""
     folder = Path(output_dir)
@@ -189,7 +175,9 @@ def evaluate_model(
     path = None
     if isinstance(model, (str, os.PathLike)):
         path = model
-        model = load_model_for_eval(model, device=device)
+        from kalm_st.model_source import resolve_model
+
+        model = resolve_model(model, hub="embedder", device=device)
     st_model: SentenceTransformer = model  # type: ignore[assignment]
 
     if truncate_dim is not None:
@@ -263,6 +251,5 @@ __all__ = [
     "check_writable",
     "default_model_name",
     "evaluate_model",
-    "load_model_for_eval",
     "resolve_prompts",
 ]

@@ -14,8 +14,6 @@ import logging
 import os
 from pathlib import Path
 
-from kalm_st.recipe.config import ConfigError
-
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -33,7 +31,7 @@ def builtin_model_dir(name: str) -> Path | None:
     return None
 
 
-def write_builtin_backbone(name: str, folder: str | os.PathLike[str], seed: int = 0, source: str = "<config>") -> Path:
+def write_builtin_backbone(name: str, folder: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a built-in backbone's checkpoint (config, weights, tokenizer) to ``folder``.
 
     Saved with ``is_main_process=True`` on every rank: under torchrun, transformers' ``save_pretrained`` otherwise
@@ -52,10 +50,7 @@ def write_builtin_backbone(name: str, folder: str | os.PathLike[str], seed: int 
         return Path(folder)
     if key == "smollm2-135m":
         return convert_smollm2(folder)
-    raise ConfigError(
-        f"{source}: model.init_from {name!r}: unknown built-in (known: "
-        f"{', '.join(BUILTIN_PREFIX + b for b in BUILTIN_BACKBONES)})."
-    )
+    raise ValueError(f"{name!r} is not a built-in backbone (known: {', '.join(BUILTIN_BACKBONES)}).")
 
 
 def convert_smollm2(destination: str | os.PathLike[str]) -> Path:

@@ -23,7 +23,7 @@ from torch import nn
 
 from kalm_st.precision import use_bf16
 from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
-from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, StageConfig, TaskConfig
+from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, LossName, StageConfig, TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _cached_mnrl() -> type[nn.Module]:
     return CachedMultipleNegativesRankingLoss
 
 
-LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
+LOSSES: dict[LossName, Callable[[], type[nn.Module]]] = {
     "focal_infonce": _focal_infonce,
     "cached_focal_infonce": _cached_focal_infonce,
     "contrastive_distillation": _contrastive_distillation,
@@ -77,7 +77,8 @@ LOSSES: dict[str, Callable[[], type[nn.Module]]] = {
     "multiple_negatives_ranking": _mnrl,
     "cached_multiple_negatives_ranking": _cached_mnrl,
 }
-"""Loss name (``loss.name`` in a stage YAML) -> the loss class. ``focal_infonce`` with ``gamma: 0`` is InfoNCE."""
+"""Loss name (``loss.name`` in a stage YAML, a :data:`~kalm_st.recipe.config.LossName`) -> the loss class.
+``focal_infonce`` with ``gamma: 0`` is InfoNCE."""
 
 _KALM_LOSSES = ("focal_infonce", "cached_focal_infonce")
 _WRAPPING_LOSSES = ("contrastive_distillation", "embedding_distillation")
@@ -174,48 +175,29 @@ def build_losses(model: Any, config: StageConfig, tasks: dict[str, Any] | None =
 
 
 def build_stage_model(config: StageConfig) -> Any:
-    """The stage's starting model: a previous stage's output / an ST folder, a decoder backbone, or a built-in.
-
-    Errors name the config file and the ``model`` key (a missing ``init_from``, an unsupported architecture, a bad
-    attention back-end).
-    """
-    assert config.model is not None
-    try:
-        return _build_stage_model(config)
-    except ConfigError:
-        raise
-    except FileNotFoundError as error:
-        hint = ""
-        if Path(config.model.init_from).name == "final":
-            hint = " (a previous stage's output: run that stage first)"
-        raise FileNotFoundError(f"{config.source}: model.init_from: {str(error).rstrip('.')}{hint}.") from error
-    except ValueError as error:
-        raise ConfigError(f"{config.source}: model: {error}") from error
-
-
-def _build_stage_model(config: StageConfig) -> Any:
-    from kalm_st.model import build_model, load_model
-    from kalm_st.recipe.backbones import BUILTIN_PREFIX, write_builtin_backbone
+    """The stage's starting model (``model.init_from``, read by :func:`kalm_st.model_source.resolve_model`); errors
+    name the config file and the ``model`` key (a missing folder, an unsupported architecture, a bad attention
+    back-end)."""
+    from kalm_st.model_source import resolve_model
 
     assert config.model is not None
     spec = config.model
-    common: dict[str, Any] = {"max_seq_length": spec.max_seq_length, "dtype": spec.dtype}
-    if spec.init_from.startswith(BUILTIN_PREFIX):
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="kalm-st-builtin-") as folder:
-            write_builtin_backbone(spec.init_from, folder, seed=config.seed, source=config.source)
-            return build_model(folder, attn_implementation=spec.attn_implementation, **common)
-    if (Path(spec.init_from) / "modules.json").is_file():
-        from kalm_st.model import resolve_dtype
-
-        model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(spec.dtype)}
-        if spec.attn_implementation is not None:
-            model_kwargs["attn_implementation"] = spec.attn_implementation
-        model = load_model(spec.init_from, model_kwargs=model_kwargs)
-        model.max_seq_length = spec.max_seq_length
-        return model
-    return build_model(spec.init_from, seed=config.seed, attn_implementation=spec.attn_implementation, **common)
+    try:
+        return resolve_model(
+            spec.init_from,
+            what=f"{config.source}: model.init_from",
+            seed=config.seed,
+            dtype=spec.dtype,
+            attn_implementation=spec.attn_implementation,
+            max_seq_length=spec.max_seq_length,
+        )
+    except (ConfigError, OSError):
+        raise
+    except ValueError as error:  # the architecture or back-end checks of transformers and kalm-st
+        message = str(error)
+        raise ConfigError(
+            message if message.startswith(config.source) else f"{config.source}: model: {message}"
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,18 +286,12 @@ def resolve_tasks(
     return out
 
 
-def load_task_datasets(config: StageConfig, tasks: dict[str, Any], *, skip_remote: bool = False) -> Any:
-    """A ``DatasetDict`` keyed by task with columns ``anchor, positive, negative_1..n[, label]``.
-
-    ``tasks``: :class:`TaskConfig` or :class:`~kalm_st.data.sources.TaskSource` by name. kalm-st's own columns are
-    validated by :func:`kalm_st.data.load_training_data`, KaLM / FlagEmbedding / F2LLM rows converted by
-    :func:`kalm_st.data.sources.convert_pairs` (file, row and column in every error).
-    """
-    return load_sources(config, tasks, skip_remote=skip_remote)[0]
-
-
 def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: bool = False) -> tuple[Any, dict]:
-    """``(DatasetDict, {name: TaskSource with the type the data asked for})``; see :func:`load_task_datasets`."""
+    """``(DatasetDict, {name: TaskSource with the type the data asked for})``: a ``DatasetDict`` keyed by task with
+    columns ``anchor, positive, negative_1..n[, label]``. ``tasks``: :class:`TaskConfig` or
+    :class:`~kalm_st.data.sources.TaskSource` by name. kalm-st's own columns are validated by
+    :func:`kalm_st.data.load_training_data`, KaLM / FlagEmbedding / F2LLM rows converted by
+    :func:`kalm_st.data.sources.convert_pairs` (file, row and column in every error)."""
     import dataclasses
 
     from datasets import DatasetDict, concatenate_datasets
@@ -570,8 +546,6 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     from kalm_st.recipe.mixing_state import MixingStateCallback, mixing_objects
     from kalm_st.sampling import SamplerEpochCallback
 
-    if not config.is_training:
-        raise ConfigError(f"{config.source}: stage 'soup' has no trainer; use kalm_st.recipe.soup.run_soup.")
     assert config.data is not None
     train_tasks = resolve_tasks(config, config.data.tasks, skip_remote=dry_run)
     train_dataset, train_tasks = load_sources(config, train_tasks, skip_remote=dry_run)
@@ -644,7 +618,7 @@ def save_resolved_config(config: StageConfig) -> Path:
 def run_stage(
     config: StageConfig, *, resume: bool = False, dry_run: bool = False, callbacks: Sequence[Any] = ()
 ) -> Path | None:
-    """Run one stage: train (or soup) and write ``{output_dir}/final`` atomically. Rank-aware under torchrun.
+    """Run one stage: train and write ``{output_dir}/final`` atomically. Rank-aware under torchrun.
 
     Args:
         config: The validated stage config.
@@ -655,10 +629,6 @@ def run_stage(
     Returns:
         The final model folder, or None for a dry run.
     """
-    if not config.is_training:
-        from kalm_st.recipe.soup import run_soup
-
-        return run_soup(config, dry_run=dry_run)
     checkpoint = None
     if resume:
         checkpoint = last_complete_checkpoint(config.output_dir)

@@ -1,7 +1,7 @@
 """Stage configs: one YAML file per training stage, validated into frozen dataclasses (STYLE.md §2 "Configs").
 
 A stage file has the sections ``model:``, ``data:``, ``loss:``, ``matryoshka:`` and ``args:`` (pre-training,
-fine-tuning, distillation) or ``soup:`` (checkpoint averaging). ``args:`` is passed as
+fine-tuning, distillation; a model soup is a recipe step, :mod:`kalm_st.recipe.recipe`). ``args:`` is passed as
 ``SentenceTransformerTrainingArguments(**args)``; its keys and simple types are checked here, against that class's own
 fields, so a typo fails before any model is loaded. Stages chain by explicit paths (``model.init_from:
 outputs/stage1/final``): no interpolation, no Hydra, no ``exec``.
@@ -30,8 +30,17 @@ from typing import Any, Literal
 
 import yaml
 
-StageKind = Literal["pretrain", "finetune", "distill", "soup"]
-STAGE_KINDS: tuple[str, ...] = typing.get_args(StageKind)
+StageKind = Literal["pretrain", "finetune", "distill"]
+
+LossName = Literal[
+    "focal_infonce",
+    "cached_focal_infonce",
+    "contrastive_distillation",
+    "embedding_distillation",
+    "multiple_negatives_ranking",
+    "cached_multiple_negatives_ranking",
+]
+"""The keys of :data:`kalm_st.recipe.build.LOSSES` (a test keeps the two equal): checked when the file is read."""
 
 FINAL_MODEL_DIRNAME = "final"
 """The trained model of a stage is written (atomically) to ``{output_dir}/final``."""
@@ -220,13 +229,13 @@ class LossConfig:
     """A loss from :data:`kalm_st.recipe.build.LOSSES`, by name, with its keyword arguments.
 
     Args:
-        name: Key in :data:`kalm_st.recipe.build.LOSSES` (e.g. ``focal_infonce``, ``contrastive_distillation``).
+        name: A :data:`LossName` (e.g. ``focal_infonce``, ``contrastive_distillation``).
         kwargs: Constructor arguments, except ``model``. ``hard_negative_mixing: {...}`` becomes a
             :class:`~kalm_st.losses.HardNegativeMixing`.
         base: For ``contrastive_distillation`` / ``embedding_distillation``: the contrastive loss they add to.
     """
 
-    name: str
+    name: LossName
     kwargs: dict[str, Any] = field(default_factory=dict)
     base: LossConfig | None = None
 
@@ -249,28 +258,14 @@ class MatryoshkaConfig:
 
 
 @dataclass(frozen=True)
-class SoupConfig:
-    """Model soup (METHOD.md §4, stage 3a): a weighted parameter average of same-architecture checkpoints.
-
-    Args:
-        models: Model folders to average (at least 2).
-        weights: One weight per model (normalised to sum 1); default uniform.
-    """
-
-    models: tuple[str, ...]
-    weights: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
 class StageConfig:
     """One stage of the recipe.
 
     Args:
-        stage: ``pretrain``, ``finetune``, ``distill`` or ``soup``.
+        stage: ``pretrain``, ``finetune`` or ``distill``.
         output_dir: Checkpoints (``checkpoint-N``), the resolved config and the final model (``final/``) go here.
         seed: Seed of the model initialisation and the Trainer (``args.seed`` defaults to it).
-        model, data, loss, matryoshka, args: Training stages only.
-        soup: Soup stage only.
+        model, data, loss: Required.
     """
 
     stage: StageKind
@@ -281,17 +276,12 @@ class StageConfig:
     loss: LossConfig | None = None
     matryoshka: MatryoshkaConfig = field(default_factory=lambda: MatryoshkaConfig(enabled=False))
     args: dict[str, Any] = field(default_factory=dict)
-    soup: SoupConfig | None = None
     source: str = field(default="<dict>", compare=False, repr=False)
     """Where the config came from (file name and overrides), for error messages. Not a YAML key."""
 
     @property
     def final_model_dir(self) -> Path:
         return Path(self.output_dir) / FINAL_MODEL_DIRNAME
-
-    @property
-    def is_training(self) -> bool:
-        return self.stage != "soup"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> StageConfig:
@@ -414,7 +404,11 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
         return value
     if origin is Literal:
         if value not in type_args:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, type_args))}, got {value!r:.60}.")
+            close = difflib.get_close_matches(str(value), [str(a) for a in type_args], n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise ConfigError(
+                f"{source}: {key} must be one of {', '.join(map(repr, type_args))}, got {value!r:.60}{hint}"
+            )
         return value
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, f"{key}.", source)
@@ -444,49 +438,28 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
 
 def _check_stage(config: StageConfig) -> None:
     source = config.source
-    if config.is_training:
-        for section in ("model", "data", "loss"):
-            if getattr(config, section) is None:
-                raise ConfigError(f"{source}: missing required key {section} (stage {config.stage!r}).")
-        if config.soup is not None:
-            raise ConfigError(f"{source}: unknown key soup for stage {config.stage!r} (only stage 'soup' takes it).")
-        if "output_dir" in config.args:
-            raise ConfigError(f"{source}: args.output_dir is set from the top-level output_dir; remove it.")
-        check_training_args(config.args, source)
-        mat = config.matryoshka
-        if mat.dims is not None and mat.weights is not None and len(mat.dims) != len(mat.weights):
-            raise ConfigError(
-                f"{source}: matryoshka.weights has {len(mat.weights)} entries but matryoshka.dims has {len(mat.dims)}."
-            )
-        if config.loss.name in ("contrastive_distillation", "embedding_distillation") and config.loss.base is None:
-            raise ConfigError(f"{source}: missing required key loss.base (the contrastive loss distillation adds to).")
-        if config.loss.base is not None and config.loss.name not in (
-            "contrastive_distillation",
-            "embedding_distillation",
-        ):
-            raise ConfigError(f"{source}: unknown key loss.base for loss {config.loss.name!r}.")
-        ratio = config.data.homogeneous_ratio
-        if not 0.0 < ratio <= 1.0:
-            raise ConfigError(f"{source}: data.homogeneous_ratio must be in (0, 1], got {ratio}.")
-        if not config.data.tasks and not config.data.sources:
-            raise ConfigError(f"{source}: data.tasks is empty.")
-        _check_sources(config)
-        _check_sizes(config)
-        _check_loss_name(config.loss, "loss", source)
-    else:
-        if config.soup is None:
-            raise ConfigError(f"{source}: missing required key soup (stage 'soup').")
-        for section in ("model", "data", "loss"):
-            if getattr(config, section) is not None:
-                raise ConfigError(f"{source}: unknown key {section} for stage 'soup' (it takes soup: and output_dir).")
-        if config.args:
-            raise ConfigError(f"{source}: unknown key args for stage 'soup'.")
-        if len(config.soup.models) < 2:
-            raise ConfigError(f"{source}: soup.models needs at least 2 models, got {len(config.soup.models)}.")
-        if config.soup.weights is not None and len(config.soup.weights) != len(config.soup.models):
-            raise ConfigError(
-                f"{source}: soup.weights has {len(config.soup.weights)} entries for {len(config.soup.models)} models."
-            )
+    for section in ("model", "data", "loss"):
+        if getattr(config, section) is None:
+            raise ConfigError(f"{source}: missing required key {section} (stage {config.stage!r}).")
+    if "output_dir" in config.args:
+        raise ConfigError(f"{source}: args.output_dir is set from the top-level output_dir; remove it.")
+    check_training_args(config.args, source)
+    mat = config.matryoshka
+    if mat.dims is not None and mat.weights is not None and len(mat.dims) != len(mat.weights):
+        raise ConfigError(
+            f"{source}: matryoshka.weights has {len(mat.weights)} entries but matryoshka.dims has {len(mat.dims)}."
+        )
+    if config.loss.name in ("contrastive_distillation", "embedding_distillation") and config.loss.base is None:
+        raise ConfigError(f"{source}: missing required key loss.base (the contrastive loss distillation adds to).")
+    if config.loss.base is not None and config.loss.name not in ("contrastive_distillation", "embedding_distillation"):
+        raise ConfigError(f"{source}: unknown key loss.base for loss {config.loss.name!r}.")
+    ratio = config.data.homogeneous_ratio
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"{source}: data.homogeneous_ratio must be in (0, 1], got {ratio}.")
+    if not config.data.tasks and not config.data.sources:
+        raise ConfigError(f"{source}: data.tasks is empty.")
+    _check_sources(config)
+    _check_sizes(config)
 
 
 def _check_sizes(config: StageConfig) -> None:
@@ -531,17 +504,6 @@ def _check_sources(config: StageConfig) -> None:
             raise ConfigError(f"{key}.include is for tasks: subfolders or column.")
         if entry.tasks == "column" and entry.path.startswith("hf://"):
             raise ConfigError(f"{key}: tasks: column reads a local file's task column; a Hub dataset uses subfolders.")
-
-
-def _check_loss_name(loss: LossConfig, key: str, source: str) -> None:
-    from kalm_st.recipe.build import LOSSES  # build imports this module
-
-    if loss.name not in LOSSES:
-        close = difflib.get_close_matches(loss.name, list(LOSSES), n=1, cutoff=0.8)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{source}: {key}.name {loss.name!r} is unknown{hint} (known: {', '.join(sorted(LOSSES))}).")
-    if loss.base is not None:
-        _check_loss_name(loss.base, f"{key}.base", source)
 
 
 _ARGS_AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
@@ -612,13 +574,12 @@ def _to_plain(value: Any) -> Any:
 __all__ = [
     "FINAL_MODEL_DIRNAME",
     "RESOLVED_CONFIG_NAME",
-    "STAGE_KINDS",
     "ConfigError",
     "DataConfig",
     "LossConfig",
+    "LossName",
     "MatryoshkaConfig",
     "ModelConfig",
-    "SoupConfig",
     "SourceConfig",
     "StageConfig",
     "TaskConfig",

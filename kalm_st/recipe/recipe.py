@@ -334,12 +334,12 @@ def _check_values(settings: Any, where: str) -> None:
             f"{where}: range_min must be >= 0 and below range_max, got {settings.range_min} and {settings.range_max}."
         )
     if isinstance(settings, SoupStep):
-        if len(settings.models) < 2:
-            raise ConfigError(f"{where}.models needs at least 2 models, got {len(settings.models)}.")
-        if settings.weights is not None and len(settings.weights) != len(settings.models):
-            raise ConfigError(
-                f"{where}.weights has {len(settings.weights)} entries for {len(settings.models)} models."
-            )
+        from kalm_st.recipe.soup import soup_weights
+
+        try:
+            soup_weights(len(settings.models), settings.weights)
+        except ValueError as error:
+            raise ConfigError(f"{where}.{error}") from error
 
 
 def recipe_from_dict(data: Any, path: Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -5,7 +5,7 @@ which pulls in peft, protobuf, sentencepiece and immutables for what is, in the 
 tensor. The soup here is that mean, computed in float64 and cast back to each tensor's dtype, with checks that every
 model has the same modules, parameter names, shapes and dtypes. The first model provides everything that is not a
 parameter (tokenizer, pooling and normalisation config, prompts). ``tests/recipe/test_soup.py`` pins the result to
-the exact mean, and to ``SentenceTransformer.merge(method="linear")`` where mergekit is installed.
+the exact mean and to ``SentenceTransformer.merge(method="linear")`` (mergekit is in the ``test`` extra).
 """
 
 from __future__ import annotations
@@ -21,6 +21,21 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def soup_weights(count: int, weights: Sequence[float] | None = None) -> list[float]:
+    """The weights of a soup of ``count`` models, normalised to sum 1: the one check of a soup's settings (the
+    recipe's ``soup`` step calls it when the recipe is read, the functions below when they run)."""
+    if count < 2:
+        raise ValueError(f"models: a soup needs at least 2 models, got {count}.")
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise ValueError(f"weights: {len(weights)} weights for {count} models.")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights: must be >= 0 with a positive sum, got {list(weights)}.")
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
 def soup_state_dicts(
     state_dicts: Sequence[dict[str, torch.Tensor]], weights: Sequence[float] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -28,16 +43,7 @@ def soup_state_dicts(
 
     Non-floating tensors (e.g. integer buffers) must be equal across models and are taken from the first.
     """
-    if len(state_dicts) < 2:
-        raise ValueError(f"A soup needs at least 2 models, got {len(state_dicts)}.")
-    if weights is None:
-        weights = [1.0] * len(state_dicts)
-    if len(weights) != len(state_dicts):
-        raise ValueError(f"{len(weights)} weights for {len(state_dicts)} models.")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"Soup weights must be >= 0 with a positive sum, got {list(weights)}.")
-    total = float(sum(weights))
-    norm = [float(w) / total for w in weights]
+    norm = soup_weights(len(state_dicts), weights)
     reference = state_dicts[0]
     for index, other in enumerate(state_dicts[1:], start=1):
         if other.keys() != reference.keys():
@@ -78,37 +84,13 @@ def soup(
     weights: Sequence[float] | None = None,
 ) -> Path:
     """Load the models, average them and save the soup (atomically, loadable with plain ``SentenceTransformer``)."""
-    from kalm_st.model import load_model
+    from kalm_st.model_source import resolve_model
 
-    for path in model_paths:
-        if not (Path(path) / "modules.json").is_file():
-            raise FileNotFoundError(
-                f"Soup ingredient {os.fspath(path)!r} is not a sentence-transformers model folder."
-            )
-    models = [load_model(path, device="cpu") for path in model_paths]
+    models = [resolve_model(path, what=f"soup: models[{i}]", device="cpu") for i, path in enumerate(model_paths)]
     result = soup_models(models, weights)
     result.save(os.fspath(output_path))
     logger.info("Souped %d models into %s", len(models), output_path)
     return Path(output_path)
 
 
-def run_soup(config: Any, *, dry_run: bool = False) -> Path | None:
-    """The ``soup`` stage of a :class:`~kalm_st.recipe.config.StageConfig`: writes ``{output_dir}/final``."""
-    from kalm_st.recipe.build import save_resolved_config
-
-    assert config.soup is not None
-    missing = [p for p in config.soup.models if not (Path(p) / "modules.json").is_file()]
-    if missing and not dry_run:
-        raise FileNotFoundError(f"{config.source}: soup.models: not a model folder: {', '.join(missing)}")
-    if dry_run:
-        logger.info(
-            "Dry run of %s: would average %s into %s", config.source, config.soup.models, config.final_model_dir
-        )
-        return None
-    if int(os.environ.get("RANK", "0")) != 0:
-        return config.final_model_dir
-    save_resolved_config(config)
-    return soup(config.soup.models, config.final_model_dir, config.soup.weights)
-
-
-__all__ = ["run_soup", "soup", "soup_models", "soup_state_dicts"]
+__all__ = ["soup", "soup_models", "soup_state_dicts", "soup_weights"]

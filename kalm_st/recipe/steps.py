@@ -68,34 +68,12 @@ def default_output(step: Step, step_dir: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def materialise_builtin(name: str, builtin_dir: Path) -> Path:
-    """A ``builtin:...`` backbone as a folder under ``builtin_dir`` (written once, atomically)."""
-    from kalm_st.io import atomic_directory
-    from kalm_st.recipe.backbones import BUILTIN_PREFIX, builtin_model_dir, write_builtin_backbone
-
-    ready = builtin_model_dir(name)
-    if ready is not None:
-        return ready
-    folder = builtin_dir / name.removeprefix(BUILTIN_PREFIX)
-    if not (folder / "config.json").is_file():
-        with atomic_directory(folder) as tmp:
-            write_builtin_backbone(name, tmp)
-    return folder
-
-
 def load_encoder(value: str, ctx: StepContext, max_seq_length: int | None = None) -> Any:
-    """A model for encoding: a sentence-transformers folder, a decoder checkpoint (made bidirectional) or a built-in."""
-    from kalm_st.model import build_model, load_model
-    from kalm_st.recipe.backbones import BUILTIN_PREFIX
+    """A step's model (:func:`kalm_st.model_source.resolve_model`; a built-in is written once per recipe)."""
+    from kalm_st.model_source import resolve_model
 
-    if value.startswith(BUILTIN_PREFIX):
-        value = str(materialise_builtin(value, ctx.builtin_dir))
-    if (Path(value) / "modules.json").is_file():
-        model = load_model(value)
-        if max_seq_length is not None:
-            model.max_seq_length = max_seq_length
-        return model
-    return build_model(value, **({"max_seq_length": max_seq_length} if max_seq_length else {}))
+    what = f"step {ctx.step.name!r}: model"
+    return resolve_model(value, what=what, builtin_dir=ctx.builtin_dir, max_seq_length=max_seq_length)
 
 
 @dataclass(frozen=True)
@@ -227,8 +205,7 @@ def stage_config(settings: Any, step: Step, step_dir: Path) -> StageConfig:
 
 
 def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
-    """Every path or model id a stage reads, each with whether it is a model: its starting model, its data files,
-    its soup ingredients."""
+    """Every path or model id a stage reads, each with whether it is a model: its starting model, its data files."""
     inputs: list[tuple[str, bool]] = []
     if config.model is not None:
         inputs.append((config.model.init_from, True))
@@ -236,8 +213,6 @@ def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
         inputs += [(task.path, False) for task in config.data.tasks.values()]
         inputs += [(task.path, False) for task in config.data.eval_tasks.values()]
         inputs += [(source.path, False) for source in config.data.sources]
-    if config.soup is not None:
-        inputs += [(path, True) for path in config.soup.models]
     return inputs
 
 
@@ -245,12 +220,13 @@ def run_train(ctx: StepContext) -> dict[str, Any]:
     import dataclasses
 
     from kalm_st.io import atomic_directory
+    from kalm_st.model_source import builtin_folder
     from kalm_st.recipe.backbones import BUILTIN_PREFIX
     from kalm_st.recipe.build import last_complete_checkpoint, run_stage
 
     config = stage_config(ctx.settings, ctx.step, ctx.step_dir)
     if config.model is not None and config.model.init_from.startswith(BUILTIN_PREFIX):
-        folder = materialise_builtin(config.model.init_from, ctx.builtin_dir)  # converted once, not per stage
+        folder = builtin_folder(config.model.init_from, ctx.builtin_dir)  # converted once, not per stage
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=str(folder)))
     resume = ctx.resume and last_complete_checkpoint(ctx.step_dir) is not None
     final = run_stage(config, resume=resume)
@@ -352,7 +328,12 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
 
     s = ctx.settings
     inputs = _load_data(s, ctx)
-    teacher = CrossEncoder(s.teacher, model_kwargs=_dtype_kwargs(s.dtype)) if s.cross_encoder else load_teacher(s, ctx)
+    if s.cross_encoder:
+        from kalm_st.model import resolve_dtype
+
+        teacher = CrossEncoder(s.teacher, model_kwargs={"dtype": resolve_dtype(s.dtype)})
+    else:
+        teacher = load_teacher(s, ctx)
     out = DatasetDict()
     for task, dataset in inputs.data.items():
         # A reranker reads (query, text) pairs as they are; an embedding teacher gets the task's instructions.
@@ -387,28 +368,15 @@ def run_teacher_embed(ctx: StepContext) -> dict[str, Any]:
     return {"rows": _write(out, ctx.output), "teacher": s.teacher}
 
 
-def _dtype_kwargs(dtype: str) -> dict[str, Any]:
-    """``model_kwargs`` for a teacher's weights: ``auto`` is bfloat16 on a GPU (an 8B teacher), float32 on CPU."""
-    import torch
-
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    return {"dtype": getattr(torch, dtype)}
-
-
 def load_teacher(settings: Any, ctx: StepContext) -> Any:
     """An embedding teacher: a sentence-transformers model (local folder or Hub id, e.g. Qwen/Qwen3-Embedding-8B,
     with its own prompts and pooling), a built-in, or a recipe's own model (``@step``)."""
-    from pathlib import Path
+    from kalm_st.model_source import resolve_model
 
-    from sentence_transformers import SentenceTransformer
-
-    from kalm_st.recipe.backbones import BUILTIN_PREFIX
-
-    value = settings.teacher
-    if value.startswith(BUILTIN_PREFIX) or Path(value).is_dir():
-        return load_encoder(value, ctx)
-    return SentenceTransformer(value, model_kwargs=_dtype_kwargs(settings.dtype))
+    what = f"step {ctx.step.name!r}: teacher"
+    return resolve_model(
+        settings.teacher, what=what, hub="embedder", builtin_dir=ctx.builtin_dir, dtype=settings.dtype
+    )
 
 
 def run_soup(ctx: StepContext) -> dict[str, Any]:
@@ -523,7 +491,6 @@ __all__ = [
     "deep_merge",
     "default_output",
     "load_encoder",
-    "materialise_builtin",
     "read_scores",
     "stage_config",
     "stage_inputs",

@@ -10,7 +10,6 @@ normalisation, ``normalize_embeddings`` after that. It needs ``onnxruntime``, ``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -19,17 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from kalm_st.io import read_json
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "kalm_st_onnx.json"
 """Written by the export next to the graphs: files, pooling, tokenizer settings, versions, measured parity."""
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 class ONNXEncoder:
@@ -80,7 +74,7 @@ class ONNXEncoder:
                 f"Run `kalm-st export {folder} --format onnx` first."
             )
         self.model_path = folder
-        self.manifest: dict[str, Any] = _read_json(manifest_path)
+        self.manifest: dict[str, Any] = read_json(manifest_path)
         files = self.manifest.get("files", {})
         name = file_name or files.get("int8" if quantized else "float32")
         if name is None or not (onnx_dir / name).is_file():
@@ -129,7 +123,7 @@ class ONNXEncoder:
              if p.is_file()),
             None,
         )  # fmt: skip
-        st_config = _read_json(st_config_path) if st_config_path is not None else {}
+        st_config = read_json(st_config_path) if st_config_path is not None else {}
         self.prompts: dict[str, str] = dict(st_config.get("prompts") or {})
         self.default_prompt_name: str | None = st_config.get("default_prompt_name")
         self.similarity_fn_name: str = st_config.get("similarity_fn_name") or "cosine"

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kalm_st.io import write_json_atomic
+from kalm_st.io import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,6 @@ LEGACY_POOLING_KEYS: dict[str, str] = {
     "lasttoken": "pooling_mode_lasttoken",
 }
 """sentence-transformers pooling mode -> its legacy boolean key."""
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -125,7 +118,7 @@ def write_runtime_files(path: str | os.PathLike[str]) -> list[str]:
     modules_path = folder / "modules.json"
     if not modules_path.is_file():
         raise FileNotFoundError(f"{folder} has no modules.json: not a sentence-transformers model folder.")
-    modules = _read_json(modules_path)
+    modules = read_json(modules_path)
     changed: list[str] = []
 
     for entry in modules:
@@ -133,7 +126,7 @@ def write_runtime_files(path: str | os.PathLike[str]) -> list[str]:
         entry_folder = _module_folder(folder, entry)
         if kind == "Pooling" and entry["type"].startswith("sentence_transformers."):
             config_path = entry_folder / "config.json"
-            current = _read_json(config_path)
+            current = read_json(config_path)
             dual = dual_format_pooling_config(current, source=str(config_path))
             if dual != current:
                 _write_json(config_path, dual)
@@ -154,8 +147,8 @@ def _write_transformer_files(folder: Path, module_folder: Path) -> list[str]:
     st_config_path = module_folder / "sentence_bert_config.json"
     tokenizer_config_path = module_folder / "tokenizer_config.json"
     if st_config_path.is_file() and tokenizer_config_path.is_file():
-        st_config = _read_json(st_config_path)
-        tokenizer_config = _read_json(tokenizer_config_path)
+        st_config = read_json(st_config_path)
+        tokenizer_config = read_json(tokenizer_config_path)
         max_length = tokenizer_config.get("model_max_length")
         updated = dict(st_config)
         # transformers writes a huge sentinel (1e30) when there is no limit: leave the key out then.
@@ -167,7 +160,7 @@ def _write_transformer_files(folder: Path, module_folder: Path) -> list[str]:
             changed.append(str(st_config_path.relative_to(folder)))
     config_path = module_folder / "config.json"
     if config_path.is_file():
-        config = _read_json(config_path)
+        config = read_json(config_path)
         if config.get("is_causal") is False and config.get("use_bidirectional_attention") is not True:
             if bidirectional_flag_is_inert(config.get("model_type")):
                 config["use_bidirectional_attention"] = True

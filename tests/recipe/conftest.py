@@ -10,7 +10,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "training" / "configs"
-TINY_TRAIN = REPO_ROOT / "training" / "data" / "tiny_train.jsonl"
+TINY_TRAIN = REPO_ROOT / "data" / "tiny" / "tiny_train.jsonl"
 
 
 def write_rows(path: Path, num_rows: int = 16, num_negatives: int = 7, with_label: bool = True, seed: int = 0) -> Path:

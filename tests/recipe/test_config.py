@@ -15,7 +15,7 @@ ALL_CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 
 def test_configs_are_found() -> None:
     names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
-    assert {"stage1_pretrain.yaml", "stage2_finetune.yaml", "stage3_distill.yaml", "soup.yaml"} <= names
+    assert {"stage1_pretrain.yaml", "stage2_finetune.yaml", "stage3_distill.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
@@ -103,6 +103,15 @@ def test_missing_file_and_sections(tmp_path: Path) -> None:
     path = _write(tmp_path, "stage: finetune\noutput_dir: out\n")
     with pytest.raises(ConfigError, match=rf"{path}: missing required key model"):
         load_config(path)
-    path = _write(tmp_path, "stage: soup\noutput_dir: out\nsoup: {models: [a]}\n")
-    with pytest.raises(ConfigError, match="at least 2 models"):
+    path = _write(tmp_path, "stage: soup\noutput_dir: out\n")  # a soup is a recipe step, not a stage
+    with pytest.raises(ConfigError, match="stage must be one of 'pretrain', 'finetune', 'distill', got 'soup'"):
         load_config(path)
+
+
+def test_loss_names_of_the_config_are_the_loss_table() -> None:
+    import typing
+
+    from kalm_st.recipe.build import LOSSES
+    from kalm_st.recipe.config import LossName
+
+    assert set(typing.get_args(LossName)) == set(LOSSES)

@@ -24,7 +24,7 @@ def test_quickstart_recipe_end_to_end_on_a_tiny_backbone(tmp_path, monkeypatch, 
     monkeypatch.chdir(REPO_ROOT)  # the recipe names the bundled data relative to the clone's root
     overrides = [f"output_dir={tmp_path / 'work'}", f"zero_shot.model={TINY}", "zero_shot.max_seq_length=128"]
     for step in ("zero_shot", "trained"):  # 100 STS-B dev pairs instead of the held-out sets, for time
-        overrides += [f"{step}.data_dir=training/data/tiny_eval", f"{step}.tasks=[STSBenchmark]"]
+        overrides += [f"{step}.data_dir=data/tiny/tiny_eval", f"{step}.tasks=[STSBenchmark]"]
     for stage in ("stage1", "stage2", "stage3"):
         overrides += [f"{stage}.set.args.{a}" for a in SMALL_TRAINING] + [f"{stage}.set.model.max_seq_length=128"]
     overrides.append(f"stage1.set.model.init_from={TINY}")

@@ -87,7 +87,7 @@ steps:
   - name: mine
     kind: mine
     model: "@first"
-    data: training/data/tiny_train.jsonl
+    data: data/tiny/tiny_train.jsonl
     instructions: false
     range_min: 2
     range_max: 16
@@ -191,8 +191,8 @@ TRAIN = """
             r"step 'a': input 'nowhere/labels.csv' does not exist",
         ),
         (
-            "- {name: a, kind: label, data: training/data/tiny_banking77.csv, task: T, output: same.parquet}\n"
-            "- {name: b, kind: label, data: training/data/tiny_banking77.csv, task: U, output: same.parquet}\n",
+            "- {name: a, kind: label, data: data/tiny/tiny_banking77.csv, task: T, output: same.parquet}\n"
+            "- {name: b, kind: label, data: data/tiny/tiny_banking77.csv, task: U, output: same.parquet}\n",
             r"steps 'a' and 'b' both write same.parquet",
         ),
         (TRAIN + "- {name: first, kind: soup, models: [x, y]}\n", r"two steps are named 'first'"),
@@ -255,7 +255,7 @@ def test_under_a_launcher_only_rank_0_runs_a_curation_step(tmp_path: Path) -> No
         textwrap.dedent(f"""\
         output_dir: {tmp_path / "run"}
         steps:
-          - {{name: label, kind: label, data: training/data/tiny_banking77.csv, task: Banking77Classification,
+          - {{name: label, kind: label, data: data/tiny/tiny_banking77.csv, task: Banking77Classification,
              num_negatives: 3}}
         """)
     )
@@ -284,7 +284,7 @@ def test_mining_and_filtering_keep_classification_tasks_as_they_are(tmp_path: Pa
         textwrap.dedent(f"""\
         output_dir: {tmp_path / "run"}
         steps:
-          - {{name: label, kind: label, data: training/data/tiny_banking77.csv, task: Banking77Classification,
+          - {{name: label, kind: label, data: data/tiny/tiny_banking77.csv, task: Banking77Classification,
              num_negatives: 3}}
           - {{name: filter, kind: filter, model: "builtin:tiny-qwen2", data: "@label", top_k: 1,
              task_types: {{Banking77Classification: Classification}}}}
@@ -305,7 +305,7 @@ def test_label_reads_every_shard_of_a_folder_as_one_table(tmp_path: Path, in_rep
 
     from kalm_st.data import label_examples
 
-    table = pd.read_csv(in_repo / "training" / "data" / "tiny_banking77.csv")
+    table = pd.read_csv(in_repo / "data" / "tiny" / "tiny_banking77.csv")
     shards = tmp_path / "banking77"
     shards.mkdir()
     table.iloc[::2].to_csv(shards / "part-0.csv", index=False)
@@ -335,7 +335,7 @@ def test_teacher_scores_as_flag_embedding_jsonl_read_back_as_a_source(tmp_path: 
         textwrap.dedent(f"""\
         output_dir: {tmp_path / "run"}
         steps:
-          - {{name: label, kind: label, data: training/data/tiny_banking77.csv, task: Banking77Classification,
+          - {{name: label, kind: label, data: data/tiny/tiny_banking77.csv, task: Banking77Classification,
              num_negatives: 3}}
           - {{name: teacher, kind: teacher-score, teacher: "builtin:all-MiniLM-L6-v2", data: "@label",
              instructions: false, flag_embedding: true}}

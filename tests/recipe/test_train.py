@@ -29,8 +29,6 @@ TINY_ARGS = [
 
 def _tiny_overrides(config_path: Path, rows: Path, tmp_path: Path) -> list[str]:
     config = load_config(config_path)
-    if config.stage == "soup":
-        return [f"output_dir={tmp_path / 'out'}"]
     overrides = [*TINY, *TINY_ARGS, f"output_dir={tmp_path / 'out'}"]
     for name in config.data.tasks:
         overrides.append(f"data.tasks.{name}.path={rows}")

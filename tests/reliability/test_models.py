@@ -58,12 +58,12 @@ def test_folder_without_config_json(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         build_model(tmp_path / "weights")
     assert str(info.value) == (
-        f"Backbone folder {str(tmp_path / 'weights')!r} has no config.json: not a transformers checkpoint."
+        f"Backbone {str(tmp_path / 'weights')!r} has neither modules.json nor config.json: not a model folder."
     )
     with pytest.raises(FileNotFoundError) as info:
         load_model(tmp_path / "weights")
     assert str(info.value) == (
-        f"Model folder {str(tmp_path / 'weights')!r} has neither modules.json nor config.json: not a saved model."
+        f"Model {str(tmp_path / 'weights')!r} has neither modules.json nor config.json: not a model folder."
     )
 
 
@@ -71,9 +71,7 @@ def test_a_file_instead_of_a_folder(tiny_qwen_dir: Path) -> None:
     config = tiny_qwen_dir / "config.json"
     with pytest.raises(NotADirectoryError) as info:
         build_model(config)
-    assert str(info.value) == (
-        f"Backbone {str(config)!r} is a file; give the checkpoint's folder (with config.json) or a Hub id."
-    )
+    assert str(info.value) == f"Backbone {str(config)!r} is a file; give the model's folder."
     with pytest.raises(NotADirectoryError) as info:
         load_model(config)
     assert str(info.value) == f"Model {str(config)!r} is a file; give the model's folder."

@@ -1,4 +1,4 @@
-"""Write training/data/tiny_kalm/: the 64 real STS-B rows of training/data/tiny_train.jsonl in the paper's public
+"""Write data/tiny/tiny_kalm/: the 64 real STS-B rows of data/tiny/tiny_train.jsonl in the paper's public
 layout (DATA_AND_SERVING.md §1), for the tiny twin of the paper's recipe (training/recipes/kalm_v2_tiny.yaml).
 
 - ``pretrain/{sts_a,sts_b}/train-00000-of-00001.parquet``: ``query``, ``pos`` (one text), ``neg: []`` (weak pairs,
@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-HERE = Path(__file__).resolve().parents[1] / "data"
+HERE = Path(__file__).resolve().parents[2] / "data" / "tiny"
 INSTRUCTION = "Instruct: Retrieve semantically similar text. \n Query: "
 SHARD = "train-00000-of-00001.parquet"
 
