@@ -615,13 +615,20 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     if masked_losses(losses):  # logs the count of masked in-batch candidates per step
         callbacks.append(FalseNegativeLoggingCallback(losses))
     callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks
-    trainer = SentenceTransformerTrainer(
+    trainer_kwargs: dict[str, Any] = {}
+    trainer_class = SentenceTransformerTrainer
+    if config.sharding is not None and config.sharding.strategy == "fsdp2" and not dry_run:
+        from kalm_st.distributed.sharded_trainer import ShardedTrainer
+
+        trainer_class, trainer_kwargs = ShardedTrainer, {"sharding": config.sharding}
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         loss=losses,
         callbacks=callbacks,
+        **trainer_kwargs,
     )
     return StageRun(config, model, train_dataset, eval_dataset, losses, args, trainer)
 
@@ -706,9 +713,9 @@ def run_stage(
     final = config.final_model_dir
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-        if trainer.is_world_process_zero():
-            run.model.save(str(final))  # KaLMSentenceTransformer.save is atomic and portable
-            logger.info("Final model written to %s", final)
+        from kalm_st.distributed.final_save import save_final_model
+
+        save_final_model(trainer, run.model, final, config)  # atomic and portable; gathers a sharded model once
     except Exception as error:
         if _is_write_failure(error):
             raise _write_failure(config, error) from error

@@ -88,6 +88,49 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the backbone (through ``peft``; :mod:`kalm_st.lora`). Only the adapters train.
+
+    Args:
+        rank: The adapters' rank ``r``.
+        alpha: ``lora_alpha``; the update is scaled by ``alpha / rank``.
+        target_modules: Names of the backbone's linear layers that get adapters (Qwen2/Qwen3/Gemma3 attention and MLP
+            projections by default).
+        dropout: ``lora_dropout``.
+        save: ``merged`` (default): the final model is the portable folder with the adapters merged into the weights;
+            ``adapter``: the adapter alone (``final/adapter``) beside the merged model.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    dropout: float = 0.0
+    save: Literal["merged", "adapter"] = "merged"
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How several processes share the model (:mod:`kalm_st.distributed.sharding`). Without this section: DDP.
+
+    Args:
+        strategy: ``ddp`` (every process holds the whole model; right for backbones up to ~1B) or ``fsdp2``
+            (``torch.distributed.fsdp.fully_shard``: parameters, gradients and optimizer state split over the
+            processes, each decoder layer gathered only while it computes).
+        reshard_after_forward: FSDP2: free each layer's gathered weights after its forward (less memory, one more
+            all-gather in the backward).
+        mixed_precision: FSDP2: ``auto`` (bf16 compute with fp32 gradient reduction on a GPU, none on a CPU),
+            ``bf16`` or ``no``.
+        activation_checkpointing: Recompute each decoder layer's activations in the backward (less memory, ~30% more
+            compute).
+    """
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    reshard_after_forward: bool = True
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Where the stage's model comes from.
 
@@ -98,12 +141,14 @@ class ModelConfig:
         max_seq_length: Truncation length (KaLM: 512).
         dtype: Weights dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
         attn_implementation: transformers attention back-end (default: transformers' choice).
+        lora: Train LoRA adapters instead of the full backbone (:class:`LoraConfig`; needs the ``lora`` extra).
     """
 
     init_from: str
     max_seq_length: int = 512
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
+    lora: LoraConfig | None = None
 
 
 TaskType = Literal[
@@ -271,6 +316,7 @@ class StageConfig:
         seed: Seed of the model initialisation and the Trainer (``args.seed`` defaults to it).
         model, data, loss, matryoshka, args: Training stages only.
         soup: Soup stage only.
+        sharding: DDP (default) or FSDP2 across processes (:class:`ShardingConfig`).
     """
 
     stage: StageKind
@@ -282,6 +328,7 @@ class StageConfig:
     matryoshka: MatryoshkaConfig = field(default_factory=lambda: MatryoshkaConfig(enabled=False))
     args: dict[str, Any] = field(default_factory=dict)
     soup: SoupConfig | None = None
+    sharding: ShardingConfig | None = None
     source: str = field(default="<dict>", compare=False, repr=False)
     """Where the config came from (file name and overrides), for error messages. Not a YAML key."""
 
@@ -450,6 +497,7 @@ def _check_stage(config: StageConfig) -> None:
                 raise ConfigError(f"{source}: missing required key {section} (stage {config.stage!r}).")
         if config.soup is not None:
             raise ConfigError(f"{source}: unknown key soup for stage {config.stage!r} (only stage 'soup' takes it).")
+        _check_sharding(config)
         if "output_dir" in config.args:
             raise ConfigError(f"{source}: args.output_dir is set from the top-level output_dir; remove it.")
         check_training_args(config.args, source)
@@ -479,14 +527,31 @@ def _check_stage(config: StageConfig) -> None:
         for section in ("model", "data", "loss"):
             if getattr(config, section) is not None:
                 raise ConfigError(f"{source}: unknown key {section} for stage 'soup' (it takes soup: and output_dir).")
-        if config.args:
-            raise ConfigError(f"{source}: unknown key args for stage 'soup'.")
+        if config.args or config.sharding is not None:
+            raise ConfigError(f"{source}: unknown key {'args' if config.args else 'sharding'} for stage 'soup'.")
         if len(config.soup.models) < 2:
             raise ConfigError(f"{source}: soup.models needs at least 2 models, got {len(config.soup.models)}.")
         if config.soup.weights is not None and len(config.soup.weights) != len(config.soup.models):
             raise ConfigError(
                 f"{source}: soup.weights has {len(config.soup.weights)} entries for {len(config.soup.models)} models."
             )
+
+
+def _check_sharding(config: StageConfig) -> None:
+    """FSDP is configured in ``sharding:`` only; the Trainer's own ``fsdp`` / ``deepspeed`` arguments would wrap the
+    model a second way."""
+    source = config.source
+    for key in ("fsdp", "fsdp_config", "deepspeed"):
+        if config.args.get(key):
+            raise ConfigError(f"{source}: args.{key}: shard the model with the sharding: section (strategy: fsdp2).")
+    lora = config.model.lora if config.model is not None else None
+    if lora is not None:
+        if lora.rank < 1:
+            raise ConfigError(f"{source}: model.lora.rank must be >= 1, got {lora.rank}.")
+        if not lora.target_modules:
+            raise ConfigError(f"{source}: model.lora.target_modules is empty.")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ConfigError(f"{source}: model.lora.dropout must be in [0, 1), got {lora.dropout}.")
 
 
 def _check_sizes(config: StageConfig) -> None:
@@ -615,9 +680,11 @@ __all__ = [
     "STAGE_KINDS",
     "ConfigError",
     "DataConfig",
+    "LoraConfig",
     "LossConfig",
     "MatryoshkaConfig",
     "ModelConfig",
+    "ShardingConfig",
     "SoupConfig",
     "SourceConfig",
     "StageConfig",
