@@ -90,6 +90,22 @@ class ShardedTrainer(SentenceTransformerTrainer):
         # The model owns its placement and gradient reduction: no DDP wrapper, no second sharding by accelerate.
         self.is_distributed_loading_by_transformers = True
 
+    def get_optimizer_cls_and_kwargs(self, args: Any, model: Any = None) -> tuple[Any, Any]:
+        """The losses' own parameters (a distillation projection: plain tensors, replicated) get their own groups: a
+        fused or foreach optimizer step cannot mix them with the model's sharded ``DTensor`` parameters."""
+        from torch.distributed.tensor import DTensor
+
+        optimizer_cls, optimizer_kwargs = super().get_optimizer_cls_and_kwargs(args, model)
+        groups = optimizer_kwargs.get("optimizer_dict")
+        if groups:
+            split = []
+            for group in groups:
+                sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+                plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+                split.extend({**group, "params": params} for params in (sharded, plain) if params)
+            optimizer_kwargs["optimizer_dict"] = split
+        return optimizer_cls, optimizer_kwargs
+
     # -- checkpoints ---------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -23,19 +23,24 @@ from kalm_st.recipe.build import build_stage  # noqa: E402
 from kalm_st.recipe.config import load_config  # noqa: E402
 
 
+def weights_of(run) -> dict[str, torch.Tensor]:
+    """The full weights (gathered on rank 0 under FSDP2: a collective)."""
+    if hasattr(run.trainer, "full_state_dict"):
+        return run.trainer.full_state_dict()
+    return {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+
+
 def train(config_path: str, overrides: list[str], save_to: str | None) -> dict:
     config = load_config(config_path, overrides)
     run = build_stage(config)
+    initial = weights_of(run)
     run.trainer.train()
-    if hasattr(run.trainer, "full_state_dict"):
-        weights = run.trainer.full_state_dict()
-    else:
-        weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    weights = weights_of(run)
     if save_to is not None:
         save_final_model(run.trainer, run.model, save_to, config)
     projections = [p.detach().clone() for loss in distillation_losses(run.losses) for p in loss.projection.parameters()]
     losses = [entry["loss"] for entry in run.trainer.state.log_history if "loss" in entry]
-    return {"losses": losses, "weights": weights, "projections": projections}
+    return {"losses": losses, "initial": initial, "weights": weights, "projections": projections}
 
 
 def main() -> None:
