@@ -7,6 +7,7 @@ Arguments: ``CONFIG RESUME KILL_AT OVERRIDE...``. With ``KILL_AT > 0`` every pro
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ class Kill(TrainerCallback):
 def main() -> None:
     config_path, resume, kill_at, overrides = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4:]
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO)  # the test reads 'Resuming from'
     run_stage(load_config(config_path, overrides), resume=resume, callbacks=[Kill(kill_at)] if kill_at else [])
 
 

@@ -113,3 +113,72 @@ def test_fsdp2_trains_what_ddp_trains(tiny_qwen_dir: Path, tmp_path: Path) -> No
     saved = final.state_dict()
     for key, value in results["focal_gather"]["fsdp2"]["weights"].items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=key)
+
+
+def _start(tmp_path: Path, out: Path, resume: bool, kill_at: int, tiny_qwen_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    overrides = [
+        f"output_dir={out}",
+        f"model.init_from={tiny_qwen_dir}",
+        "args.max_steps=6",
+        "args.save_steps=2",
+        "args.logging_steps=1",
+        "args.per_device_train_batch_size=4",
+        "args.learning_rate=1.0e-3",
+        "args.ddp_backend=gloo",
+        "sharding.strategy=fsdp2",
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(HERE / "_resume_worker.py"), str(CONFIG_DIR / "tiny_smoke.yaml"),
+        str(int(resume)), str(kill_at), *overrides,
+    ]  # fmt: skip
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_fsdp2_kill_and_resume_gives_the_same_weights(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    """tiny_smoke.yaml (focal InfoNCE, hard-negative mixing, Matryoshka) under FSDP2, checkpoints every 2 steps:
+    SIGKILL at step 5, resume from checkpoint-4 (model and optimizer shards, scheduler, RNG, mixing state)."""
+    from safetensors.torch import load_file
+
+    from kalm_st.recipe.checkpoints import last_complete_checkpoint
+
+    full_process = _start(tmp_path, tmp_path / "full", resume=False, kill_at=0, tiny_qwen_dir=tiny_qwen_dir)
+    killed = _finish(_start(tmp_path, tmp_path / "killed", resume=False, kill_at=5, tiny_qwen_dir=tiny_qwen_dir))
+    full = _finish(full_process)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert killed.returncode != 0  # torchrun reports its children's SIGKILL
+    assert "Signal 9 (SIGKILL)" in killed.stderr
+    assert not (tmp_path / "killed" / "final").exists()
+    checkpoint = tmp_path / "killed" / "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "killed") == checkpoint
+    assert (checkpoint / "model_shards" / ".metadata").is_file() and not (checkpoint / "model.safetensors").exists()
+    resumed = _finish(_start(tmp_path, tmp_path / "killed", resume=True, kill_at=0, tiny_qwen_dir=tiny_qwen_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr
+    a, b = load_file(tmp_path / "full" / "final" / "model.safetensors"), load_file(
+        tmp_path / "killed" / "final" / "model.safetensors"
+    )
+    start = load_file(tiny_qwen_dir / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], start[k]) for k in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    # the final folder is the portable one: plain sentence-transformers loads it, kalm-st not imported
+    check = (
+        "import sys; from sentence_transformers import SentenceTransformer; "
+        f"m = SentenceTransformer({str(tmp_path / 'full' / 'final')!r}, device='cpu'); "
+        "assert m.encode(['a text']).shape == (1, 64); assert 'kalm_st' not in sys.modules"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
