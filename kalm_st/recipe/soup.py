@@ -78,8 +78,10 @@ def soup(
     weights: Sequence[float] | None = None,
 ) -> Path:
     """Load the models, average them and save the soup (atomically, loadable with plain ``SentenceTransformer``)."""
+    from kalm_st.lora import refuse_adapter_folders
     from kalm_st.model import load_model
 
+    refuse_adapter_folders(model_paths)  # never average an adapter silently
     for path in model_paths:
         if not (Path(path) / "modules.json").is_file():
             raise FileNotFoundError(
