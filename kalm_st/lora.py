@@ -28,8 +28,14 @@ def require_peft() -> None:
         raise ImportError("model.lora needs peft: pip install 'kalm-st[lora]'.") from error
 
 
-def apply_lora(model: Any, lora: LoraConfig, source: str = "<config>") -> Any:
-    """Wrap ``model[0]``'s backbone in LoRA adapters in place (only they train); returns ``model``."""
+def apply_lora(model: Any, lora: LoraConfig, *, seed: int = 0, source: str = "<config>") -> Any:
+    """Wrap ``model[0]``'s backbone in LoRA adapters in place (only they train); returns ``model``.
+
+    The adapters' random start is drawn from ``seed`` (the global RNG is left as it was), so every process of a
+    run starts from the same adapters: FSDP2 shards each process's own copy, it broadcasts nothing.
+    """
+    import torch
+
     require_peft()
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -51,7 +57,9 @@ def apply_lora(model: Any, lora: LoraConfig, source: str = "<config>") -> Any:
         lora_dropout=lora.dropout,
         bias="none",
     )
-    module.model = get_peft_model(backbone, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module.model = get_peft_model(backbone, config)
     return model
 
 

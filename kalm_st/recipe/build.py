@@ -597,7 +597,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     if config.model is not None and config.model.lora is not None:  # only the adapters train
         from kalm_st.lora import apply_lora
 
-        apply_lora(model, config.model.lora, config.source)
+        apply_lora(model, config.model.lora, seed=config.seed, source=config.source)
     args = training_arguments(config, prompts, list(train_tasks), positive_groups)
     losses = build_losses(model, config, train_tasks)
     if dry_run and not len(train_dataset):  # every source is remote: nothing to build a trainer on offline

@@ -1,7 +1,8 @@
 """Run by tests/distributed/test_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
 For each case of the spec (a JSON file: ``{"config": ..., "out": ..., "cases": {name: [override, ...]}}``) it trains
-the same ``kalm-st train`` stage twice in this process group, with DDP and with ``sharding: {strategy: fsdp2}``,
+the same ``kalm-st train`` stage twice in this process group, with DDP and with ``sharding: {strategy: fsdp2}``
+(plus the case's overrides prefixed ``fsdp2:``),
 and rank 0 saves the logged losses and the final full weights of both (the losses' projections too) to ``out``.
 The FSDP2 run of the first case also writes its final model folder (``{out_dir}/final``) through the stage's save.
 """
@@ -49,10 +50,11 @@ def main() -> None:
     results = {}
     for index, (name, overrides) in enumerate(spec["cases"].items()):
         out_dir = os.path.join(spec["out"], name)
-        common = [f"output_dir={out_dir}", *overrides]
+        common = [f"output_dir={out_dir}", *(o for o in overrides if not o.startswith("fsdp2:"))]
+        only_fsdp = [o.removeprefix("fsdp2:") for o in overrides if o.startswith("fsdp2:")]
         ddp = train(spec["config"], common, None)
         save_to = os.path.join(out_dir, "final") if index == 0 else None
-        fsdp = train(spec["config"], [*common, "sharding={strategy: fsdp2}"], save_to)
+        fsdp = train(spec["config"], [*common, "sharding.strategy=fsdp2", *only_fsdp], save_to)
         results[name] = {"ddp": ddp, "fsdp2": fsdp}
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(spec["out"], "results.pt"))
