@@ -120,7 +120,9 @@ def _world_size() -> int:
 
 
 def replicated_parameters(holders: Sequence[Any]) -> list[nn.Parameter]:
-    return [p for holder in holders if hasattr(holder, "replicated_parameters") for p in holder.replicated_parameters()]
+    return [
+        p for holder in holders if hasattr(holder, "replicated_parameters") for p in holder.replicated_parameters()
+    ]
 
 
 def broadcast_parameters(params: Sequence[nn.Parameter], src: int = 0) -> None:

@@ -52,7 +52,9 @@ def check_trainer_hooks() -> None:
     import transformers
 
     source = inspect.getsource(Trainer.__init__)
-    problems = [] if "is_distributed_loading_by_transformers" in source else ["no is_distributed_loading_by_transformers"]
+    problems = (
+        [] if "is_distributed_loading_by_transformers" in source else ["no is_distributed_loading_by_transformers"]
+    )
     for name, params in _HOOKS.items():
         method = getattr(Trainer, name, None)
         if method is None or not set(params) <= set(inspect.signature(method).parameters):

@@ -39,7 +39,9 @@ def train(config_path: str, overrides: list[str], save_to: str | None) -> dict:
     weights = weights_of(run)
     if save_to is not None:
         save_final_model(run.trainer, run.model, save_to, config)
-    projections = [p.detach().clone() for loss in distillation_losses(run.losses) for p in loss.projection.parameters()]
+    projections = [
+        p.detach().clone() for loss in distillation_losses(run.losses) for p in loss.projection.parameters()
+    ]
     losses = [entry["loss"] for entry in run.trainer.state.log_history if "loss" in entry]
     return {"losses": losses, "initial": initial, "weights": weights, "projections": projections}
 

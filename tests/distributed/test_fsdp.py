@@ -71,8 +71,11 @@ def test_fsdp2_trains_what_ddp_trains(tiny_qwen_dir: Path, tmp_path: Path) -> No
     cases = {
         "focal_gather": [f"loss.kwargs={focal}}}"],
         # activation checkpointing recomputes each layer in the backward: the same gradients
-        "mixing_matryoshka": [f"loss.kwargs={focal}, {mixing}}}", "matryoshka.enabled=true",
-                              "fsdp2:sharding.activation_checkpointing=true"],  # fmt: skip
+        "mixing_matryoshka": [
+            f"loss.kwargs={focal}, {mixing}}}",
+            "matryoshka.enabled=true",
+            "fsdp2:sharding.activation_checkpointing=true",
+        ],  # fmt: skip
         "cached_gradcache": ["loss.name=cached_focal_infonce", f"loss.kwargs={focal}, mini_batch_size: 2, {mixing}}}"],
         "embedding_distillation": [
             f"data.tasks.STSBenchmark.path={_teacher_rows(tmp_path)}",
@@ -169,8 +172,9 @@ def test_fsdp2_kill_and_resume_gives_the_same_weights(tiny_qwen_dir: Path, tmp_p
     resumed = _finish(_start(tmp_path, tmp_path / "killed", resume=True, kill_at=0, tiny_qwen_dir=tiny_qwen_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr
-    a, b = load_file(tmp_path / "full" / "final" / "model.safetensors"), load_file(
-        tmp_path / "killed" / "final" / "model.safetensors"
+    a, b = (
+        load_file(tmp_path / "full" / "final" / "model.safetensors"),
+        load_file(tmp_path / "killed" / "final" / "model.safetensors"),
     )
     start = load_file(tiny_qwen_dir / "model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], start[k]) for k in a)

@@ -10,8 +10,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
-from kalm_st.losses import ContrastiveDistillation, FocalInfoNCE, HardNegativeMixing
 from kalm_st.loss_state import load_loss_state, loss_state_holders, save_loss_state
+from kalm_st.losses import ContrastiveDistillation, FocalInfoNCE, HardNegativeMixing
 
 STATE_FILE = "hard_negative_mixing.pt"  # the file name earlier checkpoints hold
 
