@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,6 +56,15 @@ def _teacher_rows(tmp_path: Path) -> Path:
     return path
 
 
+def _with_dropout(model_dir: Path, folder: Path) -> Path:
+    """A copy of the tiny decoder with attention dropout 0.1."""
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_dropout"] = 0.1
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_fsdp2_trains_what_ddp_trains(tiny_qwen_dir: Path, tmp_path: Path) -> None:
     common = [
         f"model.init_from={tiny_qwen_dir}",
@@ -69,14 +79,20 @@ def test_fsdp2_trains_what_ddp_trains(tiny_qwen_dir: Path, tmp_path: Path) -> No
     focal = "{temperature: 0.05, gamma: 0.5, gather_across_devices: true"
     mixing = "hard_negative_mixing: {alpha: 2.0, seed: 0}"
     cases = {
-        "focal_gather": [f"loss.kwargs={focal}}}"],
+        # 2 micro-batches per step: FSDP2 defers its reduce-scatter to the last one, as DDP's no_sync does
+        "focal_gather": [f"loss.kwargs={focal}}}", "args.gradient_accumulation_steps=2"],
         # activation checkpointing recomputes each layer in the backward: the same gradients
         "mixing_matryoshka": [
             f"loss.kwargs={focal}, {mixing}}}",
             "matryoshka.enabled=true",
             "fsdp2:sharding.activation_checkpointing=true",
         ],  # fmt: skip
-        "cached_gradcache": ["loss.name=cached_focal_infonce", f"loss.kwargs={focal}, mini_batch_size: 2, {mixing}}}"],
+        # attention dropout on: GradCache must replay each mini-batch's dropout masks under the sharded parameters
+        "cached_gradcache": [
+            f"model.init_from={_with_dropout(tiny_qwen_dir, tmp_path / 'dropout')}",
+            "loss.name=cached_focal_infonce",
+            f"loss.kwargs={focal}, mini_batch_size: 2, {mixing}}}",
+        ],
         "embedding_distillation": [
             f"data.tasks.STSBenchmark.path={_teacher_rows(tmp_path)}",
             "loss.name=embedding_distillation",
