@@ -12,14 +12,17 @@
 
 transformers internals used (checked by :func:`check_trainer_hooks` against the version in use, and by the tests in
 ``tests/distributed/``): the ``is_distributed_loading_by_transformers`` flag and the checkpoint methods
-``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler`` and ``_load_from_checkpoint``.
+``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``, ``_load_from_checkpoint`` and
+``_defer_fsdp_gradient_reduction`` (gradient accumulation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,6 +45,7 @@ _HOOKS = {
     "_load_from_checkpoint": ("resume_from_checkpoint",),
     "save_model": ("output_dir", "_internal_call"),
     "_sync_replicated_trainable_parameters": ("model",),
+    "_defer_fsdp_gradient_reduction": (),
 }
 """The transformers Trainer methods this module overrides or relies on, with the parameters it passes them."""
 
@@ -107,6 +111,16 @@ class ShardedTrainer(SentenceTransformerTrainer):
                 split.extend({**group, "params": params} for params in (sharded, plain) if params)
             optimizer_kwargs["optimizer_dict"] = split
         return optimizer_cls, optimizer_kwargs
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self) -> Iterator[None]:
+        """Gradient accumulation: FSDP2's reduce-scatter waits for the last micro-batch (DDP's ``no_sync``). The
+        Trainer's own version reads a ``distributed_config`` that only a model sharded by transformers has."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ def weights_of(run) -> dict[str, torch.Tensor]:
 
 def train(config_path: str, overrides: list[str], save_to: str | None) -> dict:
     config = load_config(config_path, overrides)
+    torch.manual_seed(0)  # the projection's random start: as in a fresh process, whatever ran before
     run = build_stage(config)
     initial = weights_of(run)
     run.trainer.train()
