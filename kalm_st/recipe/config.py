@@ -544,6 +544,15 @@ def _check_sharding(config: StageConfig) -> None:
     for key in ("fsdp", "fsdp_config", "deepspeed"):
         if config.args.get(key):
             raise ConfigError(f"{source}: args.{key}: shard the model with the sharding: section (strategy: fsdp2).")
+    sharding = config.sharding
+    if sharding is not None and sharding.strategy == "ddp":  # the FSDP2 settings would be silently ignored
+        if sharding.activation_checkpointing:
+            raise ConfigError(
+                f"{source}: sharding.activation_checkpointing is for strategy fsdp2; under ddp set "
+                "args.activation_checkpointing: true."
+            )
+        if sharding.mixed_precision == "bf16" or not sharding.reshard_after_forward:
+            raise ConfigError(f"{source}: sharding.mixed_precision / reshard_after_forward are for strategy fsdp2.")
     lora = config.model.lora if config.model is not None else None
     if lora is not None:
         if lora.rank < 1:

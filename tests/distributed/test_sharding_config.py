@@ -23,6 +23,7 @@ def test_ddp_is_the_default_and_fsdp2_is_one_key() -> None:
     [
         ("sharding.strategy=zero3", r"sharding.strategy must be one of 'ddp', 'fsdp2'"),
         ("args.fsdp=full_shard", r"args.fsdp: shard the model with the sharding: section"),
+        ("sharding.activation_checkpointing=true", r"sharding.activation_checkpointing is for strategy fsdp2"),
         ("model.lora.rank=0", r"model.lora.rank must be >= 1"),
         ("model.lora.target_modules=[]", r"model.lora.target_modules is empty"),
         ("model.lora.save=both", r"model.lora.save must be one of 'merged', 'adapter'"),
