@@ -4,7 +4,8 @@ For each case of the spec (a JSON file: ``{"config": ..., "out": ..., "cases": {
 the same ``kalm-st train`` stage twice in this process group, with DDP and with ``sharding: {strategy: fsdp2}``
 (plus the case's overrides prefixed ``fsdp2:``),
 and rank 0 saves the logged losses and the final full weights of both (the losses' projections too) to ``out``.
-The FSDP2 run of the first case also writes its final model folder (``{out_dir}/final``) through the stage's save.
+The FSDP2 runs of the first case and of ``lora`` also write their final model folder (``{out_dir}/final``) through
+the stage's save.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main() -> None:
         common = [f"output_dir={out_dir}", *(o for o in overrides if not o.startswith("fsdp2:"))]
         only_fsdp = [o.removeprefix("fsdp2:") for o in overrides if o.startswith("fsdp2:")]
         ddp = train(spec["config"], common, None)
-        save_to = os.path.join(out_dir, "final") if index == 0 else None
+        save_to = os.path.join(out_dir, "final") if index == 0 or name == "lora" else None
         fsdp = train(spec["config"], [*common, "sharding.strategy=fsdp2", *only_fsdp], save_to)
         results[name] = {"ddp": ddp, "fsdp2": fsdp}
     if dist.get_rank() == 0:

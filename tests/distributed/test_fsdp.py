@@ -135,6 +135,18 @@ def test_fsdp2_trains_what_ddp_trains(tiny_qwen_dir: Path, tmp_path: Path) -> No
     saved = final.state_dict()
     for key, value in results["focal_gather"]["fsdp2"]["weights"].items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=key)
+    # the LoRA run's final folder: the gathered adapters merged, W + alpha/r B A (by hand), no adapter left
+    from safetensors.torch import load_file
+
+    merged = load_file(tmp_path / "lora" / "final" / "model.safetensors")
+    lora = results["lora"]["fsdp2"]["weights"]
+    prefix = "0.model.base_model.model.layers.0.self_attn.q_proj."
+    by_hand = (
+        lora[prefix + "base_layer.weight"]
+        + 2.0 * lora[prefix + "lora_B.default.weight"] @ lora[prefix + "lora_A.default.weight"]
+    )
+    assert not any("lora" in key for key in merged)
+    torch.testing.assert_close(merged["layers.0.self_attn.q_proj.weight"], by_hand, rtol=1e-6, atol=1e-7)
 
 
 def _start(tmp_path: Path, out: Path, resume: bool, kill_at: int, tiny_qwen_dir: Path) -> subprocess.Popen:
