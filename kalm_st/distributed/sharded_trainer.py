@@ -50,7 +50,7 @@ _HOOKS = {
 """The transformers Trainer methods this module overrides or relies on, with the parameters it passes them."""
 
 
-def check_trainer_hooks() -> None:
+def check_trainer_hooks(source: str = "<config>") -> None:
     """Fail with a clear message when the installed transformers lacks what FSDP2 training relies on (tested with
     transformers 5.24: the Trainer honours ``is_distributed_loading_by_transformers``)."""
     import transformers
@@ -65,7 +65,7 @@ def check_trainer_hooks() -> None:
             problems.append(f"no Trainer.{name}({', '.join(params)})")
     if problems:
         raise RuntimeError(
-            f"sharding: strategy fsdp2 needs a transformers Trainer with {'; '.join(problems)} (transformers "
+            f"{source}: sharding.strategy fsdp2 needs a transformers Trainer with {'; '.join(problems)} (transformers "
             f"{transformers.__version__} installed; tested with 5.24). Use strategy ddp or install transformers 5.24."
         )
 
@@ -80,15 +80,15 @@ def _state_module(trainer: Trainer) -> nn.Module:
 class ShardedTrainer(SentenceTransformerTrainer):
     """A ``SentenceTransformerTrainer`` that trains its model under FSDP2 (``sharding: {strategy: fsdp2}``)."""
 
-    def __init__(self, *args: Any, sharding: ShardingConfig, **kwargs: Any) -> None:
-        check_trainer_hooks()
+    def __init__(self, *args: Any, sharding: ShardingConfig, source: str = "<config>", **kwargs: Any) -> None:
+        check_trainer_hooks(source)
         super().__init__(*args, **kwargs)
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
-                "sharding: strategy fsdp2 needs several processes: launch with torchrun --nproc_per_node N "
-                "(or accelerate launch)."
+                f"{source}: sharding.strategy fsdp2 needs several processes: launch with torchrun "
+                "--nproc_per_node N (or accelerate launch)."
             )
         self.sharding = sharding
         self._skeleton = meta_copy(self.model)  # what the final save loads the gathered weights into

@@ -619,7 +619,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     if config.sharding is not None and config.sharding.strategy == "fsdp2" and not dry_run:
         from kalm_st.distributed.sharded_trainer import ShardedTrainer
 
-        trainer_class, trainer_kwargs = ShardedTrainer, {"sharding": config.sharding}
+        trainer_class, trainer_kwargs = ShardedTrainer, {"sharding": config.sharding, "source": config.source}
     trainer = trainer_class(
         model=model,
         args=args,

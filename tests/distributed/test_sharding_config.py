@@ -43,3 +43,14 @@ def test_the_installed_transformers_has_what_fsdp2_relies_on() -> None:
     from kalm_st.distributed.sharded_trainer import check_trainer_hooks
 
     check_trainer_hooks()  # raises naming what is missing on another transformers
+
+
+def test_fsdp2_in_one_process_is_a_clear_error(tiny_qwen_dir, tmp_path) -> None:
+    from kalm_st.recipe.build import build_stage
+
+    config = load_config(
+        SMOKE, [f"model.init_from={tiny_qwen_dir}", "sharding.strategy=fsdp2", f"output_dir={tmp_path}"]
+    )
+    with pytest.raises(RuntimeError, match=r"tiny_smoke.yaml.*sharding.strategy fsdp2 needs several processes"):
+        build_stage(config)
+    assert build_stage(config, dry_run=True).trainer is not None  # a dry run checks the stage without sharding
