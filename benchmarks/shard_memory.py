@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,8 +95,9 @@ def worker(backbone: str, strategy: str, out: str) -> None:
             )
             record["rss"] = _rss_bytes()
 
+    output_dir = tempfile.mkdtemp(prefix="shard-memory-run-")
     overrides = [
-        f"output_dir={tempfile.mkdtemp(prefix='shard-memory-')}",
+        f"output_dir={output_dir}",
         f"model.init_from={backbone}",
         "model.max_seq_length=32",
         "matryoshka.enabled=false",
@@ -110,6 +112,7 @@ def worker(backbone: str, strategy: str, out: str) -> None:
         overrides.append("sharding.strategy=fsdp2")
     run = build_stage(load_config(CONFIG, overrides), callbacks=[Measure()])
     run.trainer.train()
+    shutil.rmtree(output_dir, ignore_errors=True)
     record["state"] = record["params"] + record["grads"] + record["optimizer"]
     record["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record["rank"] = int(os.environ["RANK"])
