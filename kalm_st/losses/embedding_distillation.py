@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from sentence_transformers import SentenceTransformer, util
@@ -44,9 +44,8 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
         The projection ``W: d_student -> d_teacher`` belongs to the loss, not the model: the saved model is the plain
         student (no kalm-st module, no extra weights). The SentenceTransformerTrainer puts the loss's parameters into
         its optimizer (``get_optimizer_cls_and_kwargs`` collects ``loss.named_parameters()``), so the projection
-        trains and its optimizer state is checkpointed; its *weights* are not, which
-        :class:`~kalm_st.losses.ProjectionStateCallback` (save) and :func:`~kalm_st.losses.load_projection_state`
-        (resume) handle.
+        trains and its optimizer state is checkpointed; its *weights* are loss state (:mod:`kalm_st.loss_state`), which
+        :class:`~kalm_st.loss_state.LossStateCallback` saves and :func:`~kalm_st.loss_state.load_loss_state` restores.
 
         Args:
             model: The student.
@@ -88,9 +87,9 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
             | (anchor, positive, negative_1, ..., negative_n) | teacher embeddings ``(2 + n, d_teacher)``      |
             +-------------------------------------------------+------------------------------------------------+
 
-        Several processes: the projection is outside the DDP-wrapped model, so DDP does not average its gradients;
-        :class:`~kalm_st.losses.ProjectionSyncCallback` does (and starts every rank from rank 0's weights). A
-        multi-process run without it raises. ``kalm-st train`` adds it.
+        Several processes: the projection is outside the DDP-wrapped (or FSDP2-sharded) model, so neither averages its
+        gradients; :class:`~kalm_st.loss_state.LossStateCallback` does (and starts every rank from rank 0's weights).
+        A multi-process run without it raises. ``kalm-st train`` adds it.
 
         Example:
             ::
@@ -136,8 +135,31 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
             self.projection.to(device=param.device, dtype=dtype)
         self.uses_gradient_cache = uses_gradient_cache(base_loss)
         self._pending_grads: list[Tensor] | None = None
-        # set by ProjectionSyncCallback when training begins; required in several processes (see forward)
+        # set by LossStateCallback when training begins; required in several processes (see forward)
         self.gradients_synced = False
+
+    # kalm_st.loss_state: the projection's weights are checkpointed, and kept identical on every process
+    loss_state_file: ClassVar[str] = "loss_projections.pt"
+    loss_state_noun: ClassVar[str] = "projection(s)"
+    loss_state_missing: ClassVar[str] = "the distillation projection restarts from its initialisation."
+
+    def loss_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.projection.state_dict().items()}
+
+    def load_loss_state(self, state: dict[str, Tensor]) -> None:
+        """Copy ``state`` into the projection in place (the optimizer keeps its references)."""
+        own = self.projection.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in own.items()}:
+            raise ValueError(
+                f"projection shapes {shapes} do not fit this run's ({self.student_dim} -> {self.teacher_dim})."
+            )
+        with torch.no_grad():
+            for name, value in own.items():
+                value.copy_(state[name])
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return list(self.projection.parameters())
 
     # GradCache settings are the cached base loss's.
     @property
@@ -156,8 +178,8 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
         if util.get_world_size() > 1 and not self.gradients_synced:
             raise ValueError(
                 "EmbeddingDistillation in several processes: its projection is not part of the DDP-wrapped model, "
-                "so its gradients must be averaged by kalm_st.losses.ProjectionSyncCallback; pass "
-                "callbacks=[ProjectionSyncCallback(distillation_losses(loss))] to the trainer (kalm-st train does)."
+                "so its gradients must be averaged by kalm_st.loss_state.LossStateCallback; pass "
+                "callbacks=[LossStateCallback(loss_state_holders(loss))] to the trainer (kalm-st train does)."
             )
         sentence_features = list(sentence_features)
         if self.uses_gradient_cache:
@@ -288,4 +310,20 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
         return getattr(self.base_loss, "citation", "")
 
 
-__all__ = ["EmbeddingDistillation"]
+def distillation_losses(
+    losses: nn.Module | Mapping[str, nn.Module] | Iterable[nn.Module],
+) -> list[EmbeddingDistillation]:
+    """Every distinct ``EmbeddingDistillation`` reachable from ``losses`` (wrappers such as MatryoshkaLoss included)."""
+    if isinstance(losses, nn.Module):
+        losses = [losses]
+    elif isinstance(losses, Mapping):
+        losses = list(losses.values())
+    found: list[EmbeddingDistillation] = []
+    for loss in losses:
+        for module in loss.modules():
+            if isinstance(module, EmbeddingDistillation) and all(module is not other for other in found):
+                found.append(module)
+    return found
+
+
+__all__ = ["EmbeddingDistillation", "distillation_losses"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from sentence_transformers import util
@@ -81,6 +81,20 @@ class HardNegativeMixing:
                 f"HardNegativeMixing state was saved with seed {state.get('seed')}, this one has {self.seed}"
             )
         self.generator.set_state(state["generator"])
+
+    # kalm_st.loss_state: the generator is checkpointed into each checkpoint-N and restored on resume
+    loss_state_file: ClassVar[str] = "hard_negative_mixing.pt"
+    loss_state_noun: ClassVar[str] = "hard-negative mixing states"
+    loss_state_missing: ClassVar[str] = (
+        "hard-negative mixing restarts from its seed, so the resumed run will not replay the uninterrupted run's "
+        "mixes exactly."
+    )
+
+    def loss_state(self) -> dict[str, Any]:
+        return self.state_dict()
+
+    def load_loss_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
 
     def num_synthetic(self, num_hard_negatives: int) -> int:
         """Synthetic negatives per query for ``num_hard_negatives`` hard-negative columns."""

@@ -543,7 +543,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     """Build model, datasets, losses, arguments and trainer of a training stage (nothing is trained)."""
     from sentence_transformers import SentenceTransformerTrainer
 
-    from kalm_st.recipe.mixing_state import MixingStateCallback, mixing_objects
+    from kalm_st.loss_state import LossStateCallback, loss_state_holders
     from kalm_st.sampling import SamplerEpochCallback
 
     assert config.data is not None
@@ -568,34 +568,40 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
     # The model first: creating the training arguments initialises torch.distributed under torchrun, after which
     # transformers' save_pretrained (used when building a model from a config) writes on rank 0 only.
     model = build_stage_model(config)
+    if config.model is not None and config.model.lora is not None:  # only the adapters train
+        from kalm_st.lora import apply_lora
+
+        apply_lora(model, config.model.lora, seed=config.seed, source=config.source)
     args = training_arguments(config, prompts, list(train_tasks), positive_groups)
     losses = build_losses(model, config, train_tasks)
     if dry_run and not len(train_dataset):  # every source is remote: nothing to build a trainer on offline
         return StageRun(config, model, train_dataset, eval_dataset, losses, args, None)
     # the sampler's epoch must reach it through accelerate's wrappers on every transformers version and on resume
     callbacks = [SamplerEpochCallback(), *callbacks]
-    mixings = mixing_objects(losses)
-    if mixings:  # the Trainer checkpoints no loss state: save the mixing generators ourselves
-        callbacks.append(MixingStateCallback(mixings))
     from kalm_st.losses.false_negative_logging import FalseNegativeLoggingCallback, masked_losses
-    from kalm_st.losses.projection_state import ProjectionStateCallback, ProjectionSyncCallback, distillation_losses
 
-    projected = distillation_losses(losses)
     if not dry_run:  # the fit encodes training texts: nothing a dry run should spend time on
         _fit_projections(losses, train_dataset, args.prompts, config.seed)
-    if projected:  # the projection into the teacher's space is loss state: save it into each checkpoint ...
-        callbacks.append(ProjectionStateCallback(projected))
-        callbacks.append(ProjectionSyncCallback(projected))  # ... and keep it the same on every process
+    holders = loss_state_holders(losses)
+    if holders:  # mixing generators, projections: saved into each checkpoint and kept the same on every process
+        callbacks.append(LossStateCallback(holders))
     if masked_losses(losses):  # logs the count of masked in-batch candidates per step
         callbacks.append(FalseNegativeLoggingCallback(losses))
     callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks
-    trainer = SentenceTransformerTrainer(
+    trainer_kwargs: dict[str, Any] = {}
+    trainer_class = SentenceTransformerTrainer
+    if config.sharding is not None and config.sharding.strategy == "fsdp2" and not dry_run:
+        from kalm_st.distributed.sharded_trainer import ShardedTrainer
+
+        trainer_class, trainer_kwargs = ShardedTrainer, {"sharding": config.sharding, "source": config.source}
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         loss=losses,
         callbacks=callbacks,
+        **trainer_kwargs,
     )
     return StageRun(config, model, train_dataset, eval_dataset, losses, args, trainer)
 
@@ -661,24 +667,20 @@ def run_stage(
             {task: type(loss).__name__ for task, loss in run.losses.items()},
         )
         return None
-    from kalm_st.losses.projection_state import distillation_losses, load_projection_state
-    from kalm_st.recipe.mixing_state import load_mixing_state, mixing_objects
+    from kalm_st.loss_state import load_loss_state, loss_state_holders
 
     trainer = run.trainer
     if trainer.is_world_process_zero():
         save_resolved_config(config)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
-        load_mixing_state(mixing_objects(run.losses), checkpoint)
-        projected = distillation_losses(run.losses)
-        if projected:
-            load_projection_state(projected, checkpoint)
+        load_loss_state(loss_state_holders(run.losses), checkpoint)
     final = config.final_model_dir
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-        if trainer.is_world_process_zero():
-            run.model.save(str(final))  # KaLMSentenceTransformer.save is atomic and portable
-            logger.info("Final model written to %s", final)
+        from kalm_st.distributed.final_save import save_final_model
+
+        save_final_model(trainer, run.model, final, config)  # atomic and portable; gathers a sharded model once
     except Exception as error:
         if _is_write_failure(error):
             raise _write_failure(config, error) from error

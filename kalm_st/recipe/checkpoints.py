@@ -1,8 +1,8 @@
 """Which ``checkpoint-N`` a ``--resume`` may use, and whether this run may continue it.
 
 - A checkpoint is *complete* when the Trainer finished writing it (``trainer_state.json``, written last, parses; the
-  model's ``modules.json`` is there) and none of its files is damaged (:func:`kalm_st.io.damaged_files`: truncated
-  weights or optimizer states, unparsable JSON). The newest complete one is used; each one skipped is logged with
+  model's ``modules.json`` is there, or under FSDP2 the metadata of its ``model_shards/``) and none of its files is
+  damaged (:func:`kalm_st.io.damaged_files`: truncated weights or optimizer states, unparsable JSON). The newest complete one is used; each one skipped is logged with
   the file and the reason.
 - A resume must continue the *same* run: :class:`RunInfoCallback` records the resolved config and the number of
   processes in every checkpoint's ``trainer_state.json`` (as a transformers ``ExportableState``, so the record is
@@ -28,6 +28,8 @@ from kalm_st.recipe.config import ConfigError, StageConfig
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+SHARDED_MODEL_METADATA = "model_shards/.metadata"
+"""Written by ``torch.distributed.checkpoint`` once every process has written its shard of an FSDP2 checkpoint."""
 
 MAY_CHANGE_ON_RESUME: frozenset[str] = frozenset(
     {
@@ -58,7 +60,8 @@ def checkpoint_problems(path: Path) -> list[str]:
         json.loads((path / TRAINER_STATE).read_text(encoding="utf8"))
     except (OSError, ValueError):
         return [f"no readable {TRAINER_STATE} (an interrupted save)"]
-    if not (path / "modules.json").is_file():
+    sharded = (path / SHARDED_MODEL_METADATA).is_file()  # an FSDP2 run's checkpoint (kalm_st.distributed)
+    if not sharded and not (path / "modules.json").is_file():
         return ["no modules.json (an interrupted model save)"]
     return damaged_files(path)
 

@@ -97,6 +97,49 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the backbone (through ``peft``; :mod:`kalm_st.lora`). Only the adapters train.
+
+    Args:
+        rank: The adapters' rank ``r``.
+        alpha: ``lora_alpha``; the update is scaled by ``alpha / rank``.
+        target_modules: Names of the backbone's linear layers that get adapters (Qwen2/Qwen3/Gemma3 attention and MLP
+            projections by default).
+        dropout: ``lora_dropout``.
+        save: ``merged`` (default): the final model is the portable folder with the adapters merged into the weights;
+            ``adapter``: the adapter alone (``final/adapter``) beside the merged model.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    dropout: float = 0.0
+    save: Literal["merged", "adapter"] = "merged"
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How several processes share the model (:mod:`kalm_st.distributed.sharding`). Without this section: DDP.
+
+    Args:
+        strategy: ``ddp`` (every process holds the whole model; right for backbones up to ~1B) or ``fsdp2``
+            (``torch.distributed.fsdp.fully_shard``: parameters, gradients and optimizer state split over the
+            processes, each decoder layer gathered only while it computes).
+        reshard_after_forward: FSDP2: free each layer's gathered weights after its forward (less memory, one more
+            all-gather in the backward).
+        mixed_precision: FSDP2: ``auto`` (bf16 compute with fp32 gradient reduction on a GPU, none on a CPU),
+            ``bf16`` or ``no``.
+        activation_checkpointing: Recompute each decoder layer's activations in the backward (less memory, ~30% more
+            compute).
+    """
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    reshard_after_forward: bool = True
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Where the stage's model comes from.
 
@@ -107,12 +150,14 @@ class ModelConfig:
         max_seq_length: Truncation length (KaLM: 512).
         dtype: Weights dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
         attn_implementation: transformers attention back-end (default: transformers' choice).
+        lora: Train LoRA adapters instead of the full backbone (:class:`LoraConfig`; needs the ``lora`` extra).
     """
 
     init_from: str
     max_seq_length: int = 512
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
+    lora: LoraConfig | None = None
 
 
 TaskType = Literal[
@@ -266,6 +311,7 @@ class StageConfig:
         output_dir: Checkpoints (``checkpoint-N``), the resolved config and the final model (``final/``) go here.
         seed: Seed of the model initialisation and the Trainer (``args.seed`` defaults to it).
         model, data, loss: Required.
+        sharding: DDP (default) or FSDP2 across processes (:class:`ShardingConfig`).
     """
 
     stage: StageKind
@@ -276,6 +322,7 @@ class StageConfig:
     loss: LossConfig | None = None
     matryoshka: MatryoshkaConfig = field(default_factory=lambda: MatryoshkaConfig(enabled=False))
     args: dict[str, Any] = field(default_factory=dict)
+    sharding: ShardingConfig | None = None
     source: str = field(default="<dict>", compare=False, repr=False)
     """Where the config came from (file name and overrides), for error messages. Not a YAML key."""
 
@@ -441,6 +488,7 @@ def _check_stage(config: StageConfig) -> None:
     for section in ("model", "data", "loss"):
         if getattr(config, section) is None:
             raise ConfigError(f"{source}: missing required key {section} (stage {config.stage!r}).")
+    _check_sharding(config)
     if "output_dir" in config.args:
         raise ConfigError(f"{source}: args.output_dir is set from the top-level output_dir; remove it.")
     check_training_args(config.args, source)
@@ -460,6 +508,32 @@ def _check_stage(config: StageConfig) -> None:
         raise ConfigError(f"{source}: data.tasks is empty.")
     _check_sources(config)
     _check_sizes(config)
+
+
+def _check_sharding(config: StageConfig) -> None:
+    """FSDP is configured in ``sharding:`` only; the Trainer's own ``fsdp`` / ``deepspeed`` arguments would wrap the
+    model a second way."""
+    source = config.source
+    for key in ("fsdp", "fsdp_config", "deepspeed"):
+        if config.args.get(key):
+            raise ConfigError(f"{source}: args.{key}: shard the model with the sharding: section (strategy: fsdp2).")
+    sharding = config.sharding
+    if sharding is not None and sharding.strategy == "ddp":  # the FSDP2 settings would be silently ignored
+        if sharding.activation_checkpointing:
+            raise ConfigError(
+                f"{source}: sharding.activation_checkpointing is for strategy fsdp2; under ddp set "
+                "args.activation_checkpointing: true."
+            )
+        if sharding.mixed_precision == "bf16" or not sharding.reshard_after_forward:
+            raise ConfigError(f"{source}: sharding.mixed_precision / reshard_after_forward are for strategy fsdp2.")
+    lora = config.model.lora if config.model is not None else None
+    if lora is not None:
+        if lora.rank < 1:
+            raise ConfigError(f"{source}: model.lora.rank must be >= 1, got {lora.rank}.")
+        if not lora.target_modules:
+            raise ConfigError(f"{source}: model.lora.target_modules is empty.")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ConfigError(f"{source}: model.lora.dropout must be in [0, 1), got {lora.dropout}.")
 
 
 def _check_sizes(config: StageConfig) -> None:
@@ -576,10 +650,12 @@ __all__ = [
     "RESOLVED_CONFIG_NAME",
     "ConfigError",
     "DataConfig",
+    "LoraConfig",
     "LossConfig",
     "LossName",
     "MatryoshkaConfig",
     "ModelConfig",
+    "ShardingConfig",
     "SourceConfig",
     "StageConfig",
     "TaskConfig",

@@ -84,7 +84,10 @@ def soup(
     weights: Sequence[float] | None = None,
 ) -> Path:
     """Load the models, average them and save the soup (atomically, loadable with plain ``SentenceTransformer``)."""
+    from kalm_st.lora import refuse_adapter_folders
     from kalm_st.model_source import resolve_model
+
+    refuse_adapter_folders(model_paths)  # never average an adapter silently
 
     models = [resolve_model(path, what=f"soup: models[{i}]", device="cpu") for i, path in enumerate(model_paths)]
     result = soup_models(models, weights)

@@ -24,7 +24,7 @@ from kalm_st.recipe.config import load_config  # noqa: E402
 
 
 class Recorder(TrainerCallback):
-    """Runs before ProjectionSyncCallback (build_stage puts the caller's callbacks first)."""
+    """Runs before LossStateCallback (build_stage puts the caller's callbacks first)."""
 
     def __init__(self) -> None:
         self.losses: list = []
@@ -60,7 +60,7 @@ def main() -> None:
         loss(features, torch.zeros(2, 5, loss.teacher_dim))
         refused = False
     except ValueError as error:
-        refused = "ProjectionSyncCallback" in str(error)
+        refused = "LossStateCallback" in str(error)
     run.trainer.train()
     record = {
         **recorder.record,

@@ -19,8 +19,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from kalm_st import testing
-from kalm_st.losses import (EmbeddingDistillation, FocalInfoNCE, ProjectionStateCallback, distillation_losses,
-                            load_projection_state)
+from kalm_st.losses import EmbeddingDistillation, FocalInfoNCE
+from kalm_st.loss_state import LossStateCallback, load_loss_state, loss_state_holders
 
 model_dir, out, resume, kill_at = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
 torch.manual_seed(0)
@@ -42,11 +42,11 @@ args = SentenceTransformerTrainingArguments(
     dataloader_num_workers=0,
 )
 trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss,
-                                     callbacks=[ProjectionStateCallback(distillation_losses(loss)), Kill()])
+                                     callbacks=[LossStateCallback(loss_state_holders(loss)), Kill()])
 checkpoint = None
 if resume:
     checkpoint = os.path.join(out, "checkpoint-4")
-    assert load_projection_state(distillation_losses(loss), checkpoint)
+    assert load_loss_state(loss_state_holders(loss), checkpoint)
 trainer.train(resume_from_checkpoint=checkpoint)
 model.save(os.path.join(out, "final"))
 torch.save(loss.projection.state_dict(), os.path.join(out, "projection.pt"))

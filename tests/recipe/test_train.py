@@ -252,8 +252,8 @@ def test_false_negative_mask_from_the_config_logs_its_count(tmp_path: Path) -> N
 
 
 def test_embedding_distillation_is_a_recipe_loss_with_its_projection_checkpointed(tiny_model) -> None:
+    from kalm_st.loss_state import LossStateCallback, loss_state_holders
     from kalm_st.losses import EmbeddingDistillation, FocalInfoNCE
-    from kalm_st.losses.projection_state import ProjectionStateCallback
     from kalm_st.recipe.build import build_loss
     from kalm_st.recipe.config import LossConfig
 
@@ -264,4 +264,4 @@ def test_embedding_distillation_is_a_recipe_loss_with_its_projection_checkpointe
     )
     loss = build_loss(tiny_model, config)
     assert isinstance(loss, EmbeddingDistillation) and isinstance(loss.base_loss, FocalInfoNCE)
-    assert ProjectionStateCallback([loss]).losses == [loss]
+    assert loss_state_holders({"task": loss}) == [loss] and LossStateCallback([loss]).holders == [loss]
