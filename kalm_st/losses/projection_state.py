@@ -27,6 +27,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from kalm_st.io import save_torch_atomic
 from kalm_st.losses.embedding_distillation import EmbeddingDistillation
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,9 @@ def distillation_losses(
 def save_projection_state(losses: Sequence[EmbeddingDistillation], folder: str | os.PathLike[str]) -> Path:
     """Write the projections to ``folder/loss_projections.pt`` (temporary file, then rename)."""
     path = Path(folder) / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
-    torch.save([{k: v.detach().cpu() for k, v in loss.projection.state_dict().items()} for loss in losses], tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(
+        path, [{k: v.detach().cpu() for k, v in loss.projection.state_dict().items()} for loss in losses]
+    )
     return path
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from kalm_st.io import save_torch_atomic
 from kalm_st.losses import HardNegativeMixing
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,7 @@ def mixing_objects(losses: Mapping[str, nn.Module]) -> list[HardNegativeMixing]:
 def save_mixing_state(mixings: Sequence[HardNegativeMixing], folder: str | os.PathLike[str]) -> Path:
     """Write the mixing states to ``folder/hard_negative_mixing.pt`` (temporary file, then rename)."""
     path = Path(folder) / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
-    torch.save([mixing.state_dict() for mixing in mixings], tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(path, [mixing.state_dict() for mixing in mixings])
     return path
 
 
