@@ -175,6 +175,45 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _check_hub_model(repo_id: str, what: str) -> None:
+    """A Hub id that is not cached needs the Hub: probe it once (5 s) so an unreachable Hub is one line here instead
+    of transformers' retries (about 40 s) and traceback. Skipped behind a proxy, which the probe cannot follow."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "", port), timeout=5).close()
+    except OSError as error:
+        raise OSError(
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub ({endpoint.geturl()}) cannot be "
+            f"reached ({error.strerror or type(error).__name__}): check the network, or give a local folder."
+        ) from None
+
+
+def check_model_path(model: str | os.PathLike[str]) -> str:
+    """A model string as given, after the checks that turn a common slip into one line: a run's stage folder
+    (``outputs/stage``, whose model is ``outputs/stage/final``) given instead of its model."""
+    path = Path(os.fspath(model))
+    if path.is_dir() and not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        inner = [path / name for name in ("final", "kalm-v2") if (path / name / "modules.json").is_file()]
+        if inner:
+            raise FileNotFoundError(
+                f"{os.fspath(model)!r} is a training run's folder, not a model: its model is {str(inner[0])!r}."
+            )
+        raise FileNotFoundError(
+            f"{os.fspath(model)!r} holds neither modules.json nor config.json: not a model folder."
+        )
+    return os.fspath(model)
+
+
 def _check_exists(path: str, what: str) -> None:
     """Raise ``FileNotFoundError`` for a missing local path; let a Hub id through unless the Hub is offline."""
     if Path(path).exists():
@@ -182,6 +221,7 @@ def _check_exists(path: str, what: str) -> None:
     from huggingface_hub import constants
 
     if _HUB_ID.match(path) and not constants.HF_HUB_OFFLINE:
+        _check_hub_model(path, what)
         return
     raise FileNotFoundError(
         f"{what} {path!r} does not exist"
@@ -247,6 +287,7 @@ def build_model(
         else:
             source = os.fspath(backbone)
             _check_exists(source, "Backbone")
+            check_model_path(source)
             if Path(source).is_file():
                 raise NotADirectoryError(
                     f"Backbone {source!r} is a file; give the checkpoint's folder (with config.json) or a Hub id."
@@ -278,6 +319,7 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> KaLMSentenceTrans
     JSON; :func:`kalm_st.io.damaged_files`), is refused with the file named, not with a deep loader error.
     """
     _check_exists(os.fspath(path), "Model")
+    check_model_path(path)
     folder = Path(path)
     if folder.is_file():
         raise NotADirectoryError(f"Model {os.fspath(path)!r} is a file; give the model's folder.")
