@@ -208,9 +208,6 @@ def check_model_path(model: str | os.PathLike[str]) -> str:
             raise FileNotFoundError(
                 f"{os.fspath(model)!r} is a training run's folder, not a model: its model is {str(inner[0])!r}."
             )
-        raise FileNotFoundError(
-            f"{os.fspath(model)!r} holds neither modules.json nor config.json: not a model folder."
-        )
     return os.fspath(model)
 
 
