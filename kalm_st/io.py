@@ -88,6 +88,22 @@ def save_torch_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     return Path(path)
 
 
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything written into it the modes ``open`` / ``mkdir`` give under the umask (libraries
+    that write through ``tempfile``, e.g. some weight savers, leave owner-only files); executables stay executable."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(root, folders)
+    for base, dirs, names in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(base, name), folders)
+        for name in names:
+            path = os.path.join(base, name)
+            if os.path.islink(path):
+                continue
+            executable = os.stat(path).st_mode & 0o100
+            os.chmod(path, folders if executable else files)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path``, on error it is removed.
@@ -95,14 +111,14 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     If ``path`` does not exist (or is empty) it is created by one ``rename``. If it already holds files (e.g. a
     Trainer checkpoint being overwritten), each entry is moved in with ``os.replace``: files other writers put
     there are kept, and ``modules.json``, the file that makes a folder a sentence-transformers model, comes last.
-    The folder gets the umask's mode (files written into it by ``open`` already do).
+    The folder and everything in it get the umask's modes (:func:`_apply_umask`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        os.chmod(tmp, folder_mode())
         yield tmp
+        _apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -228,7 +228,6 @@ def find_results_folders(path: str | os.PathLike[str]) -> list[Path]:
 def _select_results(folders: list[Path], fingerprint: str | None, model_meta_name: str | None, where: Path) -> Path:
     """The results folder of the pushed model: named ``model_meta_name``, else the one whose recorded fingerprint is
     the model's; never another model's."""
-    import json
 
     from kalm_st.evaluation.run import IDENTITY_FILE
 
@@ -245,7 +244,7 @@ def _select_results(folders: list[Path], fingerprint: str | None, model_meta_nam
             identity = folder / IDENTITY_FILE
             if (
                 identity.is_file()
-                and json.loads(identity.read_text(encoding="utf8")).get("fingerprint") == fingerprint
+                and (yaml.safe_load(identity.read_text(encoding="utf8")) or {}).get("fingerprint") == fingerprint
             ):
                 return folder
     if len(folders) == 1 and fingerprint is None:
@@ -271,7 +270,6 @@ def eval_results_from_dir(
     leaderboard never reads it as the MTEB task. The model's folder is picked by ``model_meta_name``, else by the
     weights ``fingerprint`` recorded by :func:`kalm_st.evaluation.evaluate_model`.
     """
-    import json
 
     from huggingface_hub import EvalResult
     from mteb.results import TaskResult
@@ -281,7 +279,9 @@ def eval_results_from_dir(
     folders = find_results_folders(output_dir)
     folder = _select_results(folders, fingerprint, model_meta_name, Path(output_dir))
     provenance_file = folder / PROVENANCE_FILE
-    provenance = json.loads(provenance_file.read_text(encoding="utf8")) if provenance_file.is_file() else {}
+    provenance = (
+        (yaml.safe_load(provenance_file.read_text(encoding="utf8")) or {}) if provenance_file.is_file() else {}
+    )
     results: list[EvalResult] = []
     for path in sorted(folder.glob("*.json")):
         if path.name in ("model_meta.json", IDENTITY_FILE, PROVENANCE_FILE):

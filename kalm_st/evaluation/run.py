@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
 from mteb.models import ModelMeta, SentenceTransformerEncoderWrapper
 
 from kalm_st.evaluation.tasks import LOCAL_TASKS, resolve_tasks
 from kalm_st.instructions import build_prompts
-from kalm_st.io import write_json_atomic
+from kalm_st.io import write_text_atomic
 
 if TYPE_CHECKING:
     from mteb.abstasks.abstask import AbsTask
@@ -47,9 +48,10 @@ logger = logging.getLogger(__name__)
 Instructions = Literal["model", "kalm", "none"] | Mapping[str, str]
 NO_PROMPTS: dict[str, str] = {"query": "", "document": ""}
 """Explicit empty prompts: both sides get ``prompt=""`` so no prompt saved in the model leaks in."""
-IDENTITY_FILE = "kalm_st_model.json"
-"""In a model's results folder: the fingerprint and path of the model whose results it holds."""
-PROVENANCE_FILE = "kalm_st_provenance.json"
+IDENTITY_FILE = "kalm_st_model.yaml"
+"""In a model's results folder: the fingerprint and path of the model whose results it holds (YAML: mteb reads every
+``*.json`` there as a task result)."""
+PROVENANCE_FILE = "kalm_st_provenance.yaml"
 """In a model's results folder: per task, the data folder read and its sample counts against the MTEB task's."""
 
 
@@ -177,7 +179,7 @@ def _claim_results_folder(folder: Path, fingerprint: str, source: str, overwrite
     """Refuse a results folder that holds another model's results (or clear it with ``overwrite``); record ours."""
     identity = folder / IDENTITY_FILE
     if identity.is_file():
-        recorded = json.loads(identity.read_text(encoding="utf8"))
+        recorded = yaml.safe_load(identity.read_text(encoding="utf8")) or {}
         if recorded.get("fingerprint") != fingerprint:
             if not overwrite:
                 raise ValueError(
@@ -192,7 +194,7 @@ def _claim_results_folder(folder: Path, fingerprint: str, source: str, overwrite
             f"{folder} holds results of an unknown model (written before kalm-st recorded model fingerprints): give "
             "another --output or --model-name, or --overwrite to replace them."
         )
-    write_json_atomic(identity, {"fingerprint": fingerprint, "model": source})
+    write_text_atomic(identity, yaml.safe_dump({"fingerprint": fingerprint, "model": source}))
 
 
 def task_provenance(task: AbsTask) -> dict[str, Any] | None:
@@ -229,13 +231,13 @@ def task_provenance(task: AbsTask) -> dict[str, Any] | None:
 
 def _record_provenance(folder: Path, tasks: Sequence[AbsTask]) -> None:
     path = folder / PROVENANCE_FILE
-    recorded = json.loads(path.read_text(encoding="utf8")) if path.is_file() else {}
+    recorded = (yaml.safe_load(path.read_text(encoding="utf8")) or {}) if path.is_file() else {}
     for task in tasks:
         entry = task_provenance(task)
         if entry is not None:
             recorded[task.metadata.name] = entry
     if recorded:
-        write_json_atomic(path, recorded)
+        write_text_atomic(path, yaml.safe_dump(recorded))
 
 
 def evaluate_model(

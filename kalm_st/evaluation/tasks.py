@@ -282,8 +282,20 @@ def find_task_data(name: str, data_dir: str | os.PathLike[str] | None = None) ->
 
 
 def local_tasks(names: Iterable[str] | None = None, data_dir: str | os.PathLike[str] | None = None) -> list[AbsTask]:
-    """Offline task instances (default: all of :data:`LOCAL_TASKS`), each reading the first folder that has its data."""
-    selected = list(LOCAL_TASKS) if names is None else list(names)
+    """Offline task instances, each reading the first folder that has its data; default (``"local"``): every task of
+    :data:`LOCAL_TASKS` whose data is found (a warning names each one skipped)."""
+    if names is None:  # "local": every task whose data is found (SICK-R is not bundled: its licence is non-commercial)
+        selected = []
+        for name in LOCAL_TASKS:
+            try:
+                find_task_data(name, data_dir)
+                selected.append(name)
+            except FileNotFoundError as error:
+                logger.warning("'local' skips %s: %s", name, error)
+        if not selected:
+            find_task_data(next(iter(LOCAL_TASKS)), data_dir)  # raises, naming where it looked
+    else:
+        selected = list(names)
     for name in selected:
         if name not in LOCAL_TASKS:
             raise ValueError(unknown_task_message(name, LOCAL_TASKS))
@@ -327,7 +339,7 @@ def resolve_tasks(
     for name in names:
         for part in (p.strip() for p in name.split(",")):
             if part == LOCAL_ALIAS:
-                expanded.extend(LOCAL_TASKS)
+                expanded.extend(t.metadata.name for t in local_tasks(data_dir=data_dir))
             elif part:
                 expanded.append(part)
     expanded = list(dict.fromkeys(expanded))
