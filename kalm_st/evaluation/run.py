@@ -198,10 +198,11 @@ def _claim_results_folder(folder: Path, fingerprint: str, source: str, overwrite
 
 
 def task_provenance(task: AbsTask) -> dict[str, Any] | None:
-    """What data a local task read: its folder and, per split it evaluates, its sample count against the MTEB task's
-    (``full`` is True only when every count matches). ``None`` for a task that is not a local one or was not loaded."""
+    """What data a local task read: its folder and, per split, its sample count against the MTEB task's (``full``
+    only when every count matches). ``None`` for a task that is not a local one or did not load data this run."""
     name = task.metadata.name
-    if name not in LOCAL_TASKS or not getattr(task, "data_loaded", False):
+    counts = getattr(task, "sample_counts", None)
+    if name not in LOCAL_TASKS or counts is None:
         return None
     import mteb
 
@@ -210,22 +211,13 @@ def task_provenance(task: AbsTask) -> dict[str, Any] | None:
         in_mteb = True
     except KeyError:
         official, in_mteb = {}, False
-    dataset: Any = task.dataset
-    counts: dict[str, int] = {}
-    for split in task.metadata.eval_splits + (["train"] if "train" in official else []):
-        part = dataset.get(split) if hasattr(dataset, "get") else None
-        if part is None and hasattr(dataset, "get") and "default" in dataset:
-            part = dataset["default"].get(split)
-        if part is None:
-            continue
-        counts[split] = len(part["queries"]) if isinstance(part, Mapping) and "queries" in part else len(part)
-    full = in_mteb and bool(counts) and all(official.get(split) == n for split, n in counts.items())
+    counts = {split: n for split, n in counts.items() if split in official or split in task.metadata.eval_splits}
     return {
-        "data": str(getattr(task, "data_dir", "") or ""),
+        "data": str(getattr(task, "data_folder_read", "")),
         "in_mteb": in_mteb,
         "samples": counts,
         "mteb_samples": {split: official[split] for split in counts if split in official},
-        "full": full,
+        "full": in_mteb and bool(counts) and all(official.get(split) == n for split, n in counts.items()),
     }
 
 

@@ -153,6 +153,23 @@ class _LocalDataMixin:
         self.dataset = type(self)._reader(folder)
         self.dataset_transform(num_proc=num_proc)  # type: ignore[attr-defined]
         self.data_loaded = True
+        self.data_folder_read = folder
+        self.sample_counts = _sample_counts(self.dataset, ["test", "train"])
+
+
+def _sample_counts(dataset: Any, splits: Sequence[str]) -> dict[str, int]:
+    """Samples per split as MTEB counts them (pairs, texts, or queries of a retrieval split); kept after mteb
+    unloads the data, for the results' provenance."""
+    counts: dict[str, int] = {}
+    for split in splits:
+        part = dataset.get(split) if hasattr(dataset, "get") else None
+        if part is None and hasattr(dataset, "get") and dataset.get("default") is not None:
+            part = dataset["default"].get(split)
+        if part is None:
+            continue
+        queries = part.get("queries") if isinstance(part, dict) else None
+        counts[split] = len(queries) if queries is not None else len(part)
+    return counts
 
 
 class LocalSTSBenchmark(_LocalDataMixin, STSBenchmarkSTS):
