@@ -390,3 +390,53 @@ def _walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     assert result["dataset"]["name"] == "MTEB STSBenchmark (default)"
     assert result["dataset"]["revision"] == "b0fddb56ed78048fa8b90373c8a3cfc37b684831"  # mteb's STSBenchmark data
     assert result["metrics"][0]["value"] == round(printed["kalm-v2"], 2)  # kalm-v2's, not stage 1's
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Point 8: the docs a user reads hold.
+
+
+def test_readme_names_only_what_a_clone_has_and_every_command():
+    import re
+
+    from kalm_st.cli import build_parser
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf8")
+    assert "METHOD.md" not in readme and "../shared" not in readme
+    for doc in ("serving.md", "ablation.md", "instructions.md", "quickstart.md"):
+        assert "../shared" not in (REPO_ROOT / "docs" / doc).read_text(encoding="utf8"), doc
+    table = readme[readme.index("## CLI") : readme.index("## How it maps")]
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse's registry
+    for name in commands:
+        assert re.search(rf"(kalm-st |/ ){re.escape(name)}\b", table), name
+
+
+def test_instructions_doc_lists_the_types_a_stage_accepts():
+    import typing
+
+    from kalm_st.recipe.config import TaskType
+
+    text = (REPO_ROOT / "docs" / "instructions.md").read_text(encoding="utf8")
+    sentence = text[text.index("Stage YAMLs accept") :].split(";")[0]
+    assert [m.strip(" `") for m in sentence.split(":", 1)[1].replace("\n", " ").split(", ")] == list(
+        typing.get_args(TaskType)
+    )
+
+
+def test_focal_info_nce_with_gamma_0_is_mnrl_at_the_readmes_temperature():
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    from kalm_st import testing
+    from kalm_st.losses import FocalInfoNCE
+
+    model = SentenceTransformer(str(testing.minilm_dir()), device="cpu")
+    features = [model.tokenize(["a cat", "a dog", "rain"]), model.tokenize(["kitten", "puppy", "storm"])]
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf8")
+    assert "`gamma=0, temperature=0.05` is `MultipleNegativesRankingLoss` at its default `scale=20`" in readme
+    with torch.no_grad():
+        ours = FocalInfoNCE(model, gamma=0.0, temperature=0.05)(features, None)
+        reference = MultipleNegativesRankingLoss(model)(features, None)  # scale 20 = 1 / 0.05
+        default = FocalInfoNCE(model, gamma=0.0)(features, None)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert not torch.allclose(default, reference, atol=1e-3)  # the default temperature is another loss
