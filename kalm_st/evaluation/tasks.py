@@ -144,6 +144,17 @@ class _LocalDataMixin:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.data_dir = Path(data_dir) if data_dir is not None else None
 
+    def check_if_dataset_is_superseded(self) -> None:
+        """mteb warns twice (log and ``warnings``) that e.g. STSBenchmark has a v2; the local tasks are the versions
+        whose published scores kalm-st compares with, chosen on purpose: say it once, at INFO."""
+        superseded_by = getattr(self, "superseded_by", None)
+        if superseded_by:
+            logger.info(
+                "%s: the published scores compared with are this version's (mteb has %s)",
+                self.metadata.name,  # type: ignore[attr-defined]
+                superseded_by,
+            )
+
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:  # type: ignore[attr-defined]
             return

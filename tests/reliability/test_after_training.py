@@ -440,3 +440,17 @@ def test_focal_info_nce_with_gamma_0_is_mnrl_at_the_readmes_temperature():
         default = FocalInfoNCE(model, gamma=0.0)(features, None)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert not torch.allclose(default, reference, atol=1e-3)  # the default temperature is another loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Point 9 (part): what a user sees during an evaluation.
+
+
+def test_evaluating_a_local_task_does_not_warn_that_it_is_superseded(tiny_model, tmp_path, caplog):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate_model(tiny_model, ["STSBenchmark"], output_dir=tmp_path / "ev", data_dir=TINY_EVAL)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert not [m for m in messages if "superseded" in m], messages
