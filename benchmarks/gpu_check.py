@@ -859,12 +859,12 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], output_dir: Path) -> None:
+    from kalm_st.io import write_text_atomic
+
     output_dir.mkdir(parents=True, exist_ok=True)
     report["goals"] = goals(report)
     for name, text in (("gpu_check.json", json.dumps(report, indent=1) + "\n"), ("gpu_check.md", markdown(report))):
-        tmp = output_dir / f"{name}.tmp-write"
-        tmp.write_text(text, encoding="utf8")
-        tmp.replace(output_dir / name)
+        write_text_atomic(output_dir / name, text)
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
