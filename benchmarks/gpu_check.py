@@ -163,14 +163,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], output_dir: Path) -> None:
+    from kalm_st.io import write_text_atomic
+
     report["goals"] = {
         goal: value for case in report["cases"].values() for goal, value in ((case.get("result") or {}).get("goals") or {}).items()
     }  # fmt: skip
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("gpu_check.json", json.dumps(report, indent=1) + "\n"), ("gpu_check.md", markdown(report))):
-        tmp = output_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf8")
-        tmp.replace(output_dir / name)
+        write_text_atomic(output_dir / name, text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

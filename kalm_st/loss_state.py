@@ -29,6 +29,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from kalm_st.io import save_torch_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,13 +78,11 @@ def _by_file(holders: Sequence[Any]) -> dict[str, list[Any]]:
 
 
 def save_loss_state(holders: Sequence[Any], folder: str | os.PathLike[str]) -> list[Path]:
-    """Write each kind's states to ``folder/{loss_state_file}`` (temporary file, then rename)."""
+    """Write each kind's states to ``folder/{loss_state_file}`` (atomically, file mode as umask says)."""
     written = []
     for name, group in _by_file(holders).items():
         path = Path(folder) / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        torch.save([holder.loss_state() for holder in group], tmp)
-        os.replace(tmp, path)
+        save_torch_atomic(path, [holder.loss_state() for holder in group])
         written.append(path)
     return written
 

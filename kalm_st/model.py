@@ -175,6 +175,29 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _check_hub_model(repo_id: str, what: str) -> None:
+    """A Hub id that is not cached needs the Hub: probe it once (5 s) so an unreachable Hub is one line here instead
+    of transformers' retries (about 40 s) and traceback. Skipped behind a proxy, which the probe cannot follow."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "", port), timeout=5).close()
+    except OSError as error:
+        raise OSError(
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and the Hub ({endpoint.geturl()}) cannot be "
+            f"reached ({error.strerror or type(error).__name__}): check the network, or give a local folder."
+        ) from None
+
+
 def local_model_folder(value: str | os.PathLike[str], what: str = "Model") -> Path | None:
     """The local model folder ``value`` names, or None for a Hub id (the Hub online). Anything else raises, naming
     ``what`` and the value: a missing path, a file, a folder that is neither a sentence-transformers model nor a
@@ -193,10 +216,17 @@ def local_model_folder(value: str | os.PathLike[str], what: str = "Model") -> Pa
             hint = f" (it holds a model in {str(path / 'final')!r}: a stage's output folder; give that)"
         raise FileNotFoundError(f"{what} {text!r} has neither modules.json nor config.json: not a model folder{hint}.")
     if _HUB_ID.match(text) and not constants.HF_HUB_OFFLINE:
+        _check_hub_model(text, what)
         return None
     offline = " (and the Hub is offline: HF_HUB_OFFLINE is set)" if _HUB_ID.match(text) else ""
     hint = " (a previous stage's output: run that stage first)" if path.name == "final" else ""
     raise FileNotFoundError(f"{what} {text!r} does not exist{offline}{hint}.")
+
+
+def check_model_path(model: str | os.PathLike[str]) -> str:
+    """``model`` as given, once :func:`local_model_folder` has turned a common slip into one line."""
+    local_model_folder(model, "Model")
+    return os.fspath(model)
 
 
 def build_model(

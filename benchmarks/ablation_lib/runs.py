@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kalm_st.io import write_text_atomic
 from kalm_st.precision import use_bf16
 
 from .assets import load_student, load_teacher
@@ -220,10 +220,7 @@ class Context:
 
 
 def _write_result(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp-json")
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 @contextmanager

@@ -65,7 +65,9 @@ def _task_types(args: argparse.Namespace) -> dict[str, str]:
 def _load(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
     """The input data (row instructions written into the texts unless --no-instructions) and the task types."""
     from kalm_st.data import load_training_data
+    from kalm_st.io import check_output_path
 
+    check_output_path(args.output)  # before any encoding: a bad path fails now, not after hours of work
     task_types = _task_types(args)
     data = load_training_data(args.input, task_types=task_types, row_instructions=not args.no_instructions)
     unknown = sorted(set(task_types) - set(data))
@@ -85,10 +87,19 @@ def _prompts(dataset: Any, task: str, task_types: dict[str, str], args: argparse
     return query_prompt, document_prompt
 
 
+def _cache_beside(output: str, name: str) -> str:
+    """A cache folder under the output's folder (never the working directory)."""
+    from pathlib import Path
+
+    return str(Path(output).parent / ".kalm_cache" / name)
+
+
 def _load_model(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(args.model, device=args.device)
+    from kalm_st.model import check_model_path
+
+    return SentenceTransformer(check_model_path(args.model), device=args.device)
 
 
 def _mine(args: argparse.Namespace) -> int:
@@ -181,7 +192,9 @@ def _teacher_score(args: argparse.Namespace) -> int:
     if args.cross_encoder:
         from sentence_transformers import CrossEncoder
 
-        teacher = CrossEncoder(args.model, device=args.device)
+        from kalm_st.model import check_model_path
+
+        teacher = CrossEncoder(check_model_path(args.model), device=args.device)
     else:
         teacher = _load_model(args)
     out = DatasetDict()
@@ -192,7 +205,8 @@ def _teacher_score(args: argparse.Namespace) -> int:
         )
         out[task] = score_with_teacher(
             dataset, teacher, query_prompt=query_prompt, document_prompt=document_prompt,
-            batch_size=args.batch_size, cache_dir=args.cache_dir, teacher_id=args.teacher_id,
+            batch_size=args.batch_size, cache_dir=args.cache_dir or _cache_beside(args.output, "teacher_scores"),
+            teacher_id=args.teacher_id,
         )  # fmt: skip
     write_training_data(out, args.output)
     if args.flag_embedding:
@@ -208,7 +222,8 @@ def _teacher_embed(args: argparse.Namespace) -> int:
 
     data, _ = _load(args)
     out = embed_training_data(
-        data, _load_model(args), args.cache_dir, teacher_name=args.teacher_id or args.model,
+        data, _load_model(args), args.cache_dir or _cache_beside(args.output, "teacher_embeddings"),
+        teacher_name=args.teacher_id or args.model,
         chunk_size=args.chunk_size, batch_size=args.batch_size,
     )  # fmt: skip
     write_training_data(out, args.output)
@@ -253,7 +268,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     teacher = subparsers.add_parser("teacher-score", help="teacher scores of positive + negatives into 'label'")
     _common(teacher, "teacher model (SentenceTransformer, or CrossEncoder with --cross-encoder)")
     teacher.add_argument("--cross-encoder", action="store_true", help="load the teacher as a CrossEncoder")
-    teacher.add_argument("--cache-dir", default=".kalm_cache/teacher_scores", help="score cache folder")
+    teacher.add_argument(
+        "--cache-dir", default=None, help="score cache folder (default: .kalm_cache/ beside the output file)"
+    )
     teacher.add_argument("--teacher-id", default=None, help="teacher identity for the cache key")
     teacher.add_argument(
         "--flag-embedding",
@@ -267,7 +284,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "teacher-embed", help="cache teacher embeddings of every text; their (2 + n, d) per row into 'label'"
     )
     _common(embed, "teacher model (SentenceTransformer)")
-    embed.add_argument("--cache-dir", default=".kalm_cache/teacher_embeddings", help="embedding cache folder")
+    embed.add_argument(
+        "--cache-dir", default=None, help="embedding cache folder (default: .kalm_cache/ beside the output file)"
+    )
     embed.add_argument("--teacher-id", default=None, help="teacher identity for the cache key (default --model)")
     embed.add_argument("--chunk-size", type=int, default=1024, help="texts per resumable chunk")
     embed.set_defaults(func=_teacher_embed)

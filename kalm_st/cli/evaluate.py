@@ -11,7 +11,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--tasks", nargs="+", help="MTEB task names, comma or space separated; 'local' = offline tasks")
     which.add_argument("--benchmark", help="an MTEB benchmark name, or 'local'")
-    parser.add_argument("--output", required=True, help="results folder (mteb layout); reruns skip finished tasks")
+    parser.add_argument(
+        "--output",
+        default="eval-results",
+        help="results folder (mteb layout; default eval-results); several models may share it, a rerun of the same "
+        "model skips its finished tasks",
+    )
     parser.add_argument("--truncate-dim", type=int, default=None, help="Matryoshka dimension to evaluate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -48,10 +53,18 @@ def run(args: argparse.Namespace) -> int:
     )
     for task, score in run_.scores.items():
         print(f"{task}\t{100 * score:.2f}")  # noqa: T201
+    if run_.reused:
+        print(  # noqa: T201
+            f"reused from an earlier run of this same model (weights fingerprint {run_.fingerprint}): "
+            f"{', '.join(run_.reused)}; --overwrite recomputes them",
+            file=sys.stderr,
+        )
     print(f"results: {run_.results_dir}", file=sys.stderr)  # noqa: T201
     if not args.no_report:
         files = write_report(args.output)
         print(f"report: {files['report']}", file=sys.stderr)  # noqa: T201
+        if "chart" not in files:
+            print("no charts: matplotlib is not installed (pip install 'kalm-st[plot]')", file=sys.stderr)  # noqa: T201
     return 0
 
 

@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default=None, help="evaluation folder whose MTEB results go into the card")
     parser.add_argument("--results-model-name", default=None, help="org/name of the results in that folder")
     parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--language", nargs="+", default=None, help="language codes for the card (e.g. en)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
             results_dir=args.results,
             results_model_name=args.results_model_name,
             license=args.license,
+            languages=args.language,
         )
     except HubPushError as error:
         print(f"kalm-st push: error: {error}", file=sys.stderr)  # noqa: T201

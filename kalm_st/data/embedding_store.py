@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kalm_st.io import save_numpy_atomic, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 _HASH_KEYS = ("kalm-st:text-k:0", "kalm-st:text-k:1")  # SipHash keys: exactly 16 bytes each
@@ -92,12 +94,6 @@ def model_fingerprint(model: Any, name: str | None = None) -> str:
     return f"{name}:{digest}"
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 class EmbeddingStore:
     """The parts of one (model, prompt, normalisation) store folder; see the module docstring."""
 
@@ -115,9 +111,9 @@ class EmbeddingStore:
         store = cls(Path(root) / digest)
         info = store.folder / "store.json"
         if not info.is_file():
-            tmp = info.with_name(f".store.json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"model": fingerprint, "prompt": prompt, "normalize": normalize}, indent=1))
-            os.replace(tmp, info)
+            write_text_atomic(
+                info, json.dumps({"model": fingerprint, "prompt": prompt, "normalize": normalize}, indent=1)
+            )
         return store
 
     def keys(self) -> np.ndarray:
@@ -128,8 +124,8 @@ class EmbeddingStore:
     def add(self, keys: np.ndarray, embeddings: np.ndarray) -> None:
         """One finished chunk as a new part (embeddings first, keys last: the keys file commits the part)."""
         name = f"part-{len(self.parts):06d}"
-        _save_atomic(self.folder / f"{name}.emb.npy", np.asarray(embeddings, dtype=np.float32))
-        _save_atomic(self.folder / f"{name}.keys.npy", keys)
+        save_numpy_atomic(self.folder / f"{name}.emb.npy", np.asarray(embeddings, dtype=np.float32))
+        save_numpy_atomic(self.folder / f"{name}.keys.npy", keys)
         self.parts.append(name)
 
     def gather(self, rows: np.ndarray, out: np.ndarray) -> None:

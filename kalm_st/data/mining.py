@@ -27,6 +27,7 @@ from kalm_st.data.candidates import arrow_column, column_array, encode_candidate
 from kalm_st.data.embedding_store import as_arrow_strings, model_fingerprint, text_keys
 from kalm_st.data.formats import negative_columns
 from kalm_st.data.positive_groups import POSITIVE_GROUP
+from kalm_st.io import atomic_file
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -200,11 +201,9 @@ def _as_dataset(table: pa.Table, folder: str | os.PathLike[str] | None, texts: l
         digest.update(text_keys(array).tobytes())
     path = Path(folder) / f"curated-{digest.hexdigest()[:24]}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+    with atomic_file(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         for batch in table.to_batches(max_chunksize=65536):
             writer.write_batch(batch)
-    os.replace(tmp, path)
     return Dataset.from_file(str(path))
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from kalm_st.data.counter_hash import splitmix64
+from kalm_st.io import save_numpy_atomic
 
 POSITIVE_GROUP = "positive_group"
 """The column naming a row's source row (int64): rows of one query with several positives share it."""
@@ -69,13 +70,9 @@ def _starts_file(dataset: Any) -> Path | None:
 
 def _save_starts(starts: np.ndarray, path: Path) -> bool:
     """Write atomically; False when the cache folder is read-only (the array is then kept in memory)."""
-    tmp = path.with_name(f".{path.name}.{np.random.default_rng().integers(1 << 62)}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, starts)
-        tmp.replace(path)
+        save_numpy_atomic(path, starts)
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
     return True
 

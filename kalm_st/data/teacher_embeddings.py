@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from kalm_st.data.embedding_store import as_arrow_strings, lookup, model_fingerprint, text_keys
+from kalm_st.io import atomic_file, save_numpy_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ def teacher_fingerprint(model: Any, name: str) -> str:
     """``name`` + the embedding dimension + a checksum of the weights (:func:`kalm_st.data.embedding_store.
     model_fingerprint`, the key of every embedding cache)."""
     return model_fingerprint(model, name)
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def embed_texts(
@@ -97,23 +92,20 @@ def embed_texts(
             logger.info(
                 "%s: the teacher changed (%s -> %s): re-embedding every text", folder, old.get("teacher"), fingerprint
             )
-        tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
-        embeddings = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(unique_keys), dim))
         filled = np.zeros(len(unique_keys), dtype=bool)
-        if previous is not None:  # keep the rows of texts the cache already has
-            old_rows = lookup(unique_keys, previous[0])
-            keep = (old_rows >= 0) & previous[2][old_rows.clip(min=0)]
-            embeddings[keep] = previous[1][old_rows[keep]]
-            filled[keep] = True
-        embeddings.flush()
-        del embeddings
-        os.replace(tmp, folder / "embeddings.npy")
-        _save_atomic(folder / "keys.npy", unique_keys)
-        _save_atomic(folder / "filled.npy", filled)
+        with atomic_file(folder / "embeddings.npy", suffix=".npy") as tmp:
+            embeddings = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(unique_keys), dim))
+            if previous is not None:  # keep the rows of texts the cache already has
+                old_rows = lookup(unique_keys, previous[0])
+                keep = (old_rows >= 0) & previous[2][old_rows.clip(min=0)]
+                embeddings[keep] = previous[1][old_rows[keep]]
+                filled[keep] = True
+            embeddings.flush()
+            del embeddings
+        save_numpy_atomic(folder / "keys.npy", unique_keys)
+        save_numpy_atomic(folder / "filled.npy", filled)
         manifest = {"teacher": fingerprint, "dim": dim, "num_texts": len(unique_keys)}
-        tmp_manifest = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-        tmp_manifest.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp_manifest, manifest_path)
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
         embeddings = np.load(folder / "embeddings.npy", mmap_mode="r+")
     missing = np.flatnonzero(~filled)
     logger.info(
@@ -128,7 +120,7 @@ def embed_texts(
         embeddings[chunk] = np.asarray(vectors, dtype=np.float32)
         embeddings.flush()
         filled[chunk] = True
-        _save_atomic(folder / "filled.npy", filled)
+        save_numpy_atomic(folder / "filled.npy", filled)
     return rows
 
 

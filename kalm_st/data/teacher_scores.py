@@ -20,6 +20,7 @@ from kalm_st.data.candidates import arrow_column, column_array
 from kalm_st.data.embedding_store import encode_cached, text_keys
 from kalm_st.data.formats import negative_columns_of
 from kalm_st.data.positive_groups import POSITIVE_GROUP, group_starts
+from kalm_st.io import save_numpy_atomic
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -128,9 +129,7 @@ def score_with_teacher(
                 scores[start:end, j] = teacher.similarity_pairwise(q, d).float().numpy()
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp-{os.getpid()}.npy")
-        np.save(tmp, scores)
-        os.replace(tmp, cache_file)
+        save_numpy_atomic(cache_file, scores)
         shutil.rmtree(cache_file.with_suffix(".parts"), ignore_errors=True)
     return _with_label(dataset, scores)
 
@@ -173,9 +172,7 @@ def _cross_encoder_scores(
         flat = teacher.predict(pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
         scores[start:end] = np.asarray(flat, dtype=np.float64).reshape(len(candidates), end - start).T
         if part is not None:
-            tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}.npy")
-            np.save(tmp, scores[start:end])
-            os.replace(tmp, part)
+            save_numpy_atomic(part, scores[start:end])
     return scores
 
 

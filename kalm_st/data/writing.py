@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
+
+from kalm_st.io import atomic_file
 
 
 def _plain(value: Any) -> Any:
@@ -49,10 +50,7 @@ def write_training_data(data: Dataset | DatasetDict, path: str | os.PathLike[str
         frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     else:
         frame = data.to_pandas()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:
         if suffix in (".jsonl", ".json"):
             frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
         else:
@@ -60,10 +58,6 @@ def write_training_data(data: Dataset | DatasetDict, path: str | os.PathLike[str
                 if frame[column].map(lambda v: isinstance(v, list | tuple) or hasattr(v, "tolist")).any():
                     frame[column] = frame[column].map(lambda v: json.dumps(_plain(v)) if v is not None else None)
             frame.to_csv(tmp, index=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -80,15 +74,8 @@ def _write_parquet(data: Dataset | DatasetDict, target: Path) -> Path:
             table = table.add_column(0, "task", pc.fill_null(pa.nulls(len(table), pa.string()), task))
         tables.append(table)
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 

@@ -72,7 +72,7 @@ def find_training_configs(model_dir: str | os.PathLike[str]) -> list[dict[str, A
     """The resolved configs of the stages that produced ``model_dir``, first stage first.
 
     Looks for ``resolved_config.yaml`` in the model folder or its parent (``{output_dir}/final``), then follows
-    ``model.init_from`` back to earlier stages.
+    ``model.init_from`` (and a soup step's ``soup.models``) back to earlier stages.
     """
     configs: list[dict[str, Any]] = []
     seen: set[Path] = set()
@@ -84,9 +84,9 @@ def find_training_configs(model_dir: str | os.PathLike[str]) -> list[dict[str, A
                 seen.add(candidate.resolve())
                 config = yaml.safe_load(candidate.read_text(encoding="utf8")) or {}
                 configs.append(config)
-                source = (config.get("model") or {}).get("init_from")
-                if source and Path(source).exists():
-                    pending.append(Path(source))
+                sources = [((config.get("model") or {}).get("init_from"))]
+                sources += list((config.get("soup") or {}).get("models") or [])
+                pending.extend(Path(s) for s in sources if s and Path(s).exists())
                 break
     return list(reversed(configs))
 
@@ -109,12 +109,46 @@ def loss_citations(config: Mapping[str, Any]) -> list[str]:
     return entries
 
 
-def _recipe_section(configs: Sequence[Mapping[str, Any]]) -> str:
+BUILTIN_BASE_MODELS: dict[str, str] = {"builtin:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""Hub ids of the built-in backbones that have one (``builtin:smollm2-135m`` is a GGUF of that model)."""
+
+
+def base_model_of(configs: Sequence[Mapping[str, Any]]) -> str | None:
+    """The Hub id the first stage started from (``model.init_from``), if it is one; None for a local folder."""
+    for config in configs:
+        start = (config.get("model") or {}).get("init_from")
+        if not start:
+            continue
+        if start in BUILTIN_BASE_MODELS:
+            return BUILTIN_BASE_MODELS[start]
+        materialised = Path(start)
+        if materialised.parent.name == "builtin" and f"builtin:{materialised.name}" in BUILTIN_BASE_MODELS:
+            return BUILTIN_BASE_MODELS[f"builtin:{materialised.name}"]  # a recipe's converted copy of a built-in
+        if start.startswith("builtin:") or materialised.exists() or start.count("/") != 1:
+            return None
+        return start
+    return None
+
+
+def architecture_of(model: SentenceTransformer) -> str:
+    """``"bidirectional Llama decoder"`` / ``"BERT encoder"``: what the model's first module really holds."""
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    if config is None:
+        return "transformer"
+    family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama", "mistral": "Mistral", "gemma": "Gemma"}.get(
+        config.model_type, config.model_type
+    )
+    if getattr(config, "is_decoder", False) or getattr(config, "is_causal", None) is not None:
+        bidirectional = getattr(config, "is_causal", True) is False
+        return f"{'bidirectional ' if bidirectional else ''}{family} decoder"
+    return f"{family} encoder"
+
+
+def _recipe_section(configs: Sequence[Mapping[str, Any]], architecture: str = "transformer") -> str:
     if not configs:
         return (
-            "## Training recipe\n\nKaLM-Embedding-V2 recipe (bidirectional Qwen2 decoder, mean pooling, focal InfoNCE "
-            "with online hard-negative mixing, Matryoshka; weakly supervised pre-training, supervised fine-tuning, "
-            "contrastive distillation, model soup). The stage configs were not found next to the model.\n"
+            f"## Training recipe\n\nA {architecture} with mean pooling trained with kalm-st. The stage configs were "
+            "not found next to the model, so the stages, data and hyperparameters are not listed here.\n"
         )
     parts = ["## Training recipe\n"]
     for index, config in enumerate(configs, 1):
@@ -131,6 +165,11 @@ def _recipe_section(configs: Sequence[Mapping[str, Any]]) -> str:
         data = config.get("data") or {}
         for name, task in (data.get("tasks") or {}).items():
             parts.append(f"- **Data** `{name}`: `{task.get('path')}` ({task.get('type')})")
+        soup = config.get("soup") or {}
+        if soup:
+            parts.append(
+                f"- **Model soup** of {len(soup.get('models') or [])} checkpoints, weights `{soup.get('weights')}`"
+            )
         args = config.get("args") or {}
         keys = (
             "learning_rate",
@@ -151,19 +190,112 @@ def _recipe_section(configs: Sequence[Mapping[str, Any]]) -> str:
 # Results and card.
 
 
-def eval_results_from_dir(output_dir: str | os.PathLike[str], model_meta_name: str | None = None) -> list[EvalResult]:
-    """``huggingface_hub.EvalResult`` entries (the card's ``model-index``) from an evaluation folder's main runs."""
+@dataclass
+class LocalScore:
+    """A score that is not an MTEB task's: a subset of a task's data, or a task MTEB does not have (TrecQA)."""
+
+    task: str
+    metric: str
+    value: float
+    note: str
+    """E.g. ``"subset: 200 of 1379 test samples"`` or ``"kalm-st offline task, not in MTEB"``."""
+
+
+def find_results_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """Every model results folder (``.../{org__name}/{revision}/`` with task files) under ``path``: an ``eval``
+    output, a recipe's eval step folder, or one model's results folder. One-line ``FileNotFoundError`` if none."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"Results folder {str(root)!r} does not exist.")
+    from kalm_st.evaluation.run import IDENTITY_FILE, PROVENANCE_FILE
+
+    skip = {"model_meta.json", IDENTITY_FILE, PROVENANCE_FILE}
+    folders = sorted(
+        {
+            p.parent
+            for p in root.rglob("*.json")
+            if p.name not in skip and "experiments" not in p.parts[-4:-1] and '"task_name"' in p.read_text("utf8")
+        }
+    )
+    if not folders:
+        raise FileNotFoundError(
+            f"No MTEB results under {str(root)!r}: give the folder `kalm-st eval --output` wrote, or a recipe's eval "
+            "step folder."
+        )
+    return folders
+
+
+def _select_results(folders: list[Path], fingerprint: str | None, model_meta_name: str | None, where: Path) -> Path:
+    """The results folder of the pushed model: named ``model_meta_name``, else the one whose recorded fingerprint is
+    the model's; never another model's."""
+
+    from kalm_st.evaluation.run import IDENTITY_FILE
+
+    if model_meta_name is not None:
+        named = [f for f in folders if f.parent.name == model_meta_name.replace("/", "__")]
+        if len(named) == 1:
+            return named[0]
+        raise FileNotFoundError(
+            f"{len(named) or 'No'} results folders of {model_meta_name!r} under {str(where)!r} "
+            f"(found: {', '.join(f'{f.parent.name}/{f.name}' for f in folders)})."
+        )
+    if fingerprint is not None:
+        for folder in folders:
+            identity = folder / IDENTITY_FILE
+            if (
+                identity.is_file()
+                and (yaml.safe_load(identity.read_text(encoding="utf8")) or {}).get("fingerprint") == fingerprint
+            ):
+                return folder
+    if len(folders) == 1 and fingerprint is None:
+        return folders[0]
+    raise FileNotFoundError(
+        f"None of the results under {str(where)!r} are of this model (fingerprint {fingerprint}; found: "
+        f"{', '.join(f'{f.parent.name}/{f.name}' for f in folders)}): evaluate it with `kalm-st eval`, or name the "
+        "results with --results-model-name."
+    )
+
+
+def eval_results_from_dir(
+    output_dir: str | os.PathLike[str],
+    model_meta_name: str | None = None,
+    *,
+    fingerprint: str | None = None,
+    local_scores: list[LocalScore] | None = None,
+) -> list[EvalResult]:
+    """``huggingface_hub.EvalResult`` entries (the card's ``model-index``) of one model's main runs.
+
+    Only tasks evaluated on the whole of an MTEB task's data enter: a subset of a task (the quickstart's 200 STS-B
+    test pairs) or a task MTEB does not have is appended to ``local_scores`` instead, with what it is, so a
+    leaderboard never reads it as the MTEB task. The model's folder is picked by ``model_meta_name``, else by the
+    weights ``fingerprint`` recorded by :func:`kalm_st.evaluation.evaluate_model`.
+    """
+
     from huggingface_hub import EvalResult
     from mteb.results import TaskResult
 
-    root = Path(output_dir) / "results"
-    pattern = f"{model_meta_name.replace('/', '__')}/*/*.json" if model_meta_name else "*/*/*.json"
+    from kalm_st.evaluation.run import IDENTITY_FILE, PROVENANCE_FILE
+
+    folders = find_results_folders(output_dir)
+    folder = _select_results(folders, fingerprint, model_meta_name, Path(output_dir))
+    provenance_file = folder / PROVENANCE_FILE
+    provenance = (
+        (yaml.safe_load(provenance_file.read_text(encoding="utf8")) or {}) if provenance_file.is_file() else {}
+    )
     results: list[EvalResult] = []
-    for path in sorted(root.glob(pattern)):
-        if path.name == "model_meta.json":
+    for path in sorted(folder.glob("*.json")):
+        if path.name in ("model_meta.json", IDENTITY_FILE, PROVENANCE_FILE):
             continue
         task_result = TaskResult.from_disk(path)
         task = task_result.task_name
+        note = _not_full_mteb(task, provenance.get(task))
+        if note is not None:
+            if local_scores is not None:
+                from kalm_st.evaluation.tasks import LOCAL_TASKS
+
+                main = LOCAL_TASKS[task].metadata.main_score if task in LOCAL_TASKS else "main_score"
+                local_scores.append(LocalScore(task, main, round(100 * float(task_result.get_score()), 2), note))
+            continue
         try:
             import mteb
 
@@ -195,6 +327,24 @@ def eval_results_from_dir(output_dir: str | os.PathLike[str], model_meta_name: s
     return results
 
 
+def _not_full_mteb(task: str, provenance: Mapping[str, Any] | None) -> str | None:
+    """Why a task's score is not the MTEB task's (None when it is: an mteb run, or a local run on all its data)."""
+    from kalm_st.evaluation.tasks import LOCAL_TASKS
+
+    if task not in LOCAL_TASKS:
+        return None  # mteb loaded the task's own data
+    if provenance is None:
+        return "local data of unknown size (evaluated before kalm-st recorded it)"
+    if not provenance.get("in_mteb"):
+        return "kalm-st offline task, not in MTEB"
+    if provenance.get("full"):
+        return None
+    counts = provenance.get("samples") or {}
+    official = provenance.get("mteb_samples") or {}
+    parts = [f"{counts[split]} of {official.get(split, '?')} {split} samples" for split in counts]
+    return "subset: " + ", ".join(parts)
+
+
 def build_model_card(
     model: SentenceTransformer,
     repo_id: str,
@@ -202,14 +352,21 @@ def build_model_card(
     eval_results: Sequence[EvalResult] = (),
     training_configs: Sequence[Mapping[str, Any]] = (),
     license: str = "apache-2.0",
-    languages: Iterable[str] = ("en",),
+    languages: Iterable[str] | None = None,
     base_model: str | None = None,
+    local_scores: Sequence[LocalScore] = (),
 ) -> ModelCard:
-    """A model card: YAML metadata with ``model-index`` + recipe, losses, citations, results, usage, license."""
+    """A model card: YAML metadata with ``model-index`` + recipe, losses, citations, results, usage, license.
+
+    ``model-index`` holds only full MTEB tasks (``eval_results``); ``local_scores`` (subsets, tasks MTEB does not
+    have) are listed in the body with what they are. ``base_model`` defaults to the first stage's Hub id.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
+    if base_model is None:
+        base_model = base_model_of(training_configs)
     card_data = ModelCardData(
-        language=list(languages),
+        language=list(languages) if languages else None,
         license=license,
         library_name="sentence-transformers",
         pipeline_tag="sentence-similarity",
@@ -227,6 +384,12 @@ def build_model_card(
             f"| {r.dataset_name} | {r.dataset_split} | {r.metric_type} | {r.metric_value:.2f} |" for r in eval_results
         ]
         results_table = "| task | split | metric | score |\n|---|---|---|---:|\n" + "\n".join(rows) + "\n"
+    if local_scores:
+        rows = [f"| {s.task} | {s.note} | {s.metric} | {s.value:.2f} |" for s in local_scores]
+        results_table += (
+            "\nNot MTEB scores (a subset of a task's data, or a task MTEB does not have; left out of `model-index`):"
+            "\n\n| task | data | metric | score |\n|---|---|---|---:|\n" + "\n".join(rows) + "\n"
+        )
     citations: list[str] = []
     for config in training_configs or [{}]:
         for entry in loss_citations(config):
@@ -236,7 +399,7 @@ def build_model_card(
     body = f"""# {repo_id.split("/")[-1]}
 
 A sentence embedding model trained with [kalm-st](https://arxiv.org/abs/2506.20923), the KaLM-Embedding-V2 recipe
-on sentence-transformers: a decoder made bidirectional, mean pooling, L2 normalisation, {dim}-d embeddings
+on sentence-transformers: a {architecture_of(model)}{f" from `{base_model}`" if base_model else ""}, mean pooling, L2 normalisation, {dim}-d embeddings
 (Matryoshka: truncate to fewer dimensions with `truncate_dim`), up to {model.max_seq_length} tokens.
 
 ## Usage
@@ -258,7 +421,7 @@ pair = model.encode(["A man plays a guitar.", "Someone is playing guitar."], pro
 ```
 
 {serving_section(repo_id, query_prompt)}
-{_recipe_section(training_configs)}
+{_recipe_section(training_configs, architecture_of(model))}
 ## MTEB results
 
 {results_table or "No MTEB results were supplied."}
@@ -275,6 +438,20 @@ pair = model.encode(["A man plays a guitar.", "Someone is playing guitar."], pro
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
+def write_model_card(model_dir: str | os.PathLike[str], model: SentenceTransformer | None = None) -> Path:
+    """Write kalm-st's card (recipe from the stage configs next to the model, base model, architecture) as
+    ``model_dir/README.md``, in place of sentence-transformers' automatic one."""
+    from kalm_st.io import write_text_atomic
+
+    folder = Path(model_dir)
+    if model is None:
+        from kalm_st.model_source import resolve_model
+
+        model = resolve_model(folder, hub="embedder")
+    card = build_model_card(model, folder.resolve().name, training_configs=find_training_configs(folder))
+    return write_text_atomic(folder / "README.md", str(card))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Push.
 
@@ -289,6 +466,7 @@ def push_model(
     results_model_name: str | None = None,
     training_configs: Sequence[Mapping[str, Any]] | None = None,
     license: str = "apache-2.0",
+    languages: Iterable[str] | None = None,
     commit_message: str = "Upload kalm-st model",
 ) -> PushResult:
     """Save ``model`` with a kalm-st model card and upload it to ``repo_id`` (or only list the files: ``dry_run``).
@@ -298,16 +476,20 @@ def push_model(
         repo_id: ``org/name`` on the Hub.
         private: Create the repository private.
         dry_run: Build everything, upload nothing (no network, no token needed).
-        results_dir: An evaluation folder (:func:`kalm_st.evaluation.evaluate_model`'s ``output_dir``) whose main
-            results go into the card's ``model-index``.
-        results_model_name: The results' ``org/name`` when the folder holds several models.
+        results_dir: An evaluation folder (:func:`kalm_st.evaluation.evaluate_model`'s ``output_dir``, or a recipe's
+            eval step folder) holding this model's results (found by its weights fingerprint); full MTEB tasks go
+            into the card's ``model-index``, subsets into the body only. A folder without them is an error.
+        results_model_name: The results' ``org/name`` (instead of matching the fingerprint).
+        languages: The card's ``language`` codes (none listed by default).
         training_configs: Resolved stage configs; default those found next to the model folder.
         license: SPDX id for the card.
         commit_message: Commit message of the upload.
 
     Raises:
-        HubPushError: offline, not logged in, or no permission (the token is never shown).
+        HubPushError: offline, unreachable, not logged in, or no permission (the token is never shown).
+        FileNotFoundError: ``results_dir`` does not exist or holds no results of this model.
     """
+    from kalm_st.evaluation.run import model_fingerprint
     from kalm_st.model_source import resolve_model
 
     model_dir = None
@@ -317,9 +499,21 @@ def push_model(
     st_model: SentenceTransformer = model  # type: ignore[assignment]
     if training_configs is None:
         training_configs = find_training_configs(model_dir) if model_dir is not None else []
-    results = eval_results_from_dir(results_dir, results_model_name) if results_dir is not None else []
+    local_scores: list[LocalScore] = []
+    results = []
+    if results_dir is not None:
+        fingerprint = None if results_model_name else model_fingerprint(st_model)
+        results = eval_results_from_dir(
+            results_dir, results_model_name, fingerprint=fingerprint, local_scores=local_scores
+        )
     card = build_model_card(
-        st_model, repo_id, eval_results=results, training_configs=training_configs, license=license
+        st_model,
+        repo_id,
+        eval_results=results,
+        training_configs=training_configs,
+        license=license,
+        languages=languages,
+        local_scores=local_scores,
     )
 
     with tempfile.TemporaryDirectory(prefix="kalm-st-push-") as folder:
@@ -355,15 +549,35 @@ def _upload(folder: str, repo_id: str, *, private: bool, commit_message: str) ->
                 "is valid and has write access."
             ) from None
         raise HubPushError(f"The push to {repo_id!r} failed: HTTP {status}.") from None
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        raise HubPushError(
+            f"Cannot reach the Hugging Face Hub to push {repo_id!r} ({type(error).__name__}): check the network "
+            "(or HF_ENDPOINT), or use --dry-run to build the folder and card offline."
+        ) from None
     return str(getattr(commit, "commit_url", commit))
+
+
+_NETWORK_ERRORS = frozenset({"TransportError", "RequestError", "ConnectionError", "TimeoutException"})
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """A failure to reach the Hub (httpx's ``TransportError`` family, requests' and Python's connection errors)."""
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in _NETWORK_ERRORS for cls in type(error).__mro__
+    )
 
 
 __all__ = [
     "HubPushError",
+    "LocalScore",
     "PushResult",
     "build_model_card",
     "eval_results_from_dir",
+    "find_results_folders",
     "find_training_configs",
     "loss_citations",
     "push_model",
+    "write_model_card",
 ]

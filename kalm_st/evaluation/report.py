@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from kalm_st.io import write_text_atomic
+
 Scores = Mapping[str, Mapping[str, float]]
 """Model (row) -> task (column) -> main score in mteb's 0-1 scale."""
 
@@ -194,25 +196,32 @@ def write_report(
     tasks: Iterable[str] | None = None,
     full_dims: Mapping[str, int] | None = None,
 ) -> dict[str, Path]:
-    """``report.md`` + ``scores.png`` (and ``matryoshka.png`` when truncated runs exist) for an evaluation folder."""
+    """``report.md`` + ``scores.png`` (and ``matryoshka.png`` when truncated runs exist) for an evaluation folder.
+
+    Without matplotlib (the ``plot`` extra) only ``report.md`` is written, and it links no image.
+    """
+    import importlib.util
+
+    plots = importlib.util.find_spec("matplotlib") is not None
     destination = Path(destination or output_dir)
     destination.mkdir(parents=True, exist_ok=True)
     all_scores = read_scores(output_dir)
     main = {label: row for label, row in all_scores.items() if " [" not in label}
     task_list = list(tasks) if tasks is not None else None
-    files = {"report": destination / "report.md", "chart": destination / "scores.png"}
+    files = {"report": destination / "report.md"}
     table = markdown_table(main or all_scores, task_list)
     text = "# MTEB results\n\nMain scores x100 (mteb's main metric per task).\n\n" + table
     if len(main) != len(all_scores):
         experiments = {label: row for label, row in all_scores.items() if " [" in label}
         text += "\n## Experiments\n\n" + markdown_table(experiments, task_list, published=None)
     curves = read_matryoshka_scores(all_scores, full_dims)
-    if any(len(by_dim) > 1 for by_dim in curves.values()):
+    if plots and any(len(by_dim) > 1 for by_dim in curves.values()):
         files["matryoshka"] = matryoshka_curves(curves, destination / "matryoshka.png", task_list)
         text += "\n![Matryoshka curves](matryoshka.png)\n"
-    text += "\n![Main scores](scores.png)\n"
-    files["report"].write_text(text, encoding="utf8")
-    bar_chart(main or all_scores, files["chart"], task_list)
+    if plots:
+        files["chart"] = bar_chart(main or all_scores, destination / "scores.png", task_list)
+        text += "\n![Main scores](scores.png)\n"
+    write_text_atomic(files["report"], text)
     return files
 
 

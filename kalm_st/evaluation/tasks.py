@@ -144,6 +144,17 @@ class _LocalDataMixin:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.data_dir = Path(data_dir) if data_dir is not None else None
 
+    def check_if_dataset_is_superseded(self) -> None:
+        """mteb warns twice (log and ``warnings``) that e.g. STSBenchmark has a v2; the local tasks are the versions
+        whose published scores kalm-st compares with, chosen on purpose: say it once, at INFO."""
+        superseded_by = getattr(self, "superseded_by", None)
+        if superseded_by:
+            logger.info(
+                "%s: the published scores compared with are this version's (mteb has %s)",
+                self.metadata.name,  # type: ignore[attr-defined]
+                superseded_by,
+            )
+
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:  # type: ignore[attr-defined]
             return
@@ -153,6 +164,23 @@ class _LocalDataMixin:
         self.dataset = type(self)._reader(folder)
         self.dataset_transform(num_proc=num_proc)  # type: ignore[attr-defined]
         self.data_loaded = True
+        self.data_folder_read = folder
+        self.sample_counts = _sample_counts(self.dataset, ["test", "train"])
+
+
+def _sample_counts(dataset: Any, splits: Sequence[str]) -> dict[str, int]:
+    """Samples per split as MTEB counts them (pairs, texts, or queries of a retrieval split); kept after mteb
+    unloads the data, for the results' provenance."""
+    counts: dict[str, int] = {}
+    for split in splits:
+        part = dataset.get(split) if hasattr(dataset, "get") else None
+        if part is None and hasattr(dataset, "get") and dataset.get("default") is not None:
+            part = dataset["default"].get(split)
+        if part is None:
+            continue
+        queries = part.get("queries") if isinstance(part, dict) else None
+        counts[split] = len(queries) if queries is not None else len(part)
+    return counts
 
 
 class LocalSTSBenchmark(_LocalDataMixin, STSBenchmarkSTS):
@@ -282,8 +310,20 @@ def find_task_data(name: str, data_dir: str | os.PathLike[str] | None = None) ->
 
 
 def local_tasks(names: Iterable[str] | None = None, data_dir: str | os.PathLike[str] | None = None) -> list[AbsTask]:
-    """Offline task instances (default: all of :data:`LOCAL_TASKS`), each reading the first folder that has its data."""
-    selected = list(LOCAL_TASKS) if names is None else list(names)
+    """Offline task instances, each reading the first folder that has its data; default (``"local"``): every task of
+    :data:`LOCAL_TASKS` whose data is found (a warning names each one skipped)."""
+    if names is None:  # "local": every task whose data is found (SICK-R is not bundled: its licence is non-commercial)
+        selected = []
+        for name in LOCAL_TASKS:
+            try:
+                find_task_data(name, data_dir)
+                selected.append(name)
+            except FileNotFoundError as error:
+                logger.warning("'local' skips %s: %s", name, error)
+        if not selected:
+            find_task_data(next(iter(LOCAL_TASKS)), data_dir)  # raises, naming where it looked
+    else:
+        selected = list(names)
     for name in selected:
         if name not in LOCAL_TASKS:
             raise ValueError(unknown_task_message(name, LOCAL_TASKS))
@@ -327,7 +367,7 @@ def resolve_tasks(
     for name in names:
         for part in (p.strip() for p in name.split(",")):
             if part == LOCAL_ALIAS:
-                expanded.extend(LOCAL_TASKS)
+                expanded.extend(t.metadata.name for t in local_tasks(data_dir=data_dir))
             elif part:
                 expanded.append(part)
     expanded = list(dict.fromkeys(expanded))

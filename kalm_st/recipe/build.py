@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kalm_st.io import write_text_atomic
 from kalm_st.precision import use_bf16
 from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
 from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, LossName, StageConfig, TaskConfig
@@ -615,9 +616,7 @@ def save_resolved_config(config: StageConfig) -> Path:
     """Write the resolved config to ``{output_dir}/resolved_config.yaml`` (atomically, main process only)."""
     path = Path(config.output_dir) / RESOLVED_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(f"# Resolved from {config.source}\n" + config.to_yaml(), encoding="utf8")
-    os.replace(tmp, path)
+    write_text_atomic(path, f"# Resolved from {config.source}\n" + config.to_yaml())
     return path
 
 

@@ -91,6 +91,11 @@ def _load_data(settings: Any, ctx: StepContext) -> CurationInputs:
     """Every task of the step's ``data`` files and ``sources`` (read as a stage reads ``data.sources``)."""
     from datasets import DatasetDict
 
+    from kalm_st.io import check_output_path
+
+    if ctx.is_main and ctx.output is not None:
+        check_output_path(ctx.output)  # before any encoding
+
     from kalm_st.data import load_training_data
 
     task_types = dict(settings.task_types)
@@ -236,7 +241,17 @@ def run_train(ctx: StepContext) -> dict[str, Any]:
 
         with atomic_directory(ctx.output) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
+    if ctx.is_main:
+        _write_cards(final, ctx.output)
     return {"resumed": resume}
+
+
+def _write_cards(*folders: Path | None) -> None:
+    """kalm-st's model card (stages, data, base model) in each model folder, in place of the automatic one."""
+    from kalm_st.evaluation.hub import write_model_card
+
+    for folder in dict.fromkeys(f for f in folders if f is not None and (Path(f) / "modules.json").is_file()):
+        write_model_card(folder)
 
 
 def run_mine(ctx: StepContext) -> dict[str, Any]:
@@ -380,10 +395,20 @@ def load_teacher(settings: Any, ctx: StepContext) -> Any:
 
 
 def run_soup(ctx: StepContext) -> dict[str, Any]:
+    import yaml
+
+    from kalm_st.io import write_text_atomic
     from kalm_st.recipe.soup import soup
 
     s = ctx.settings
     soup(list(s.models), ctx.output, list(s.weights) if s.weights is not None else None)
+    if ctx.output is not None:  # the soup's own stage record: the card follows it back to every souped stage
+        record = {
+            "stage": "soup",
+            "soup": {"models": [str(Path(m).resolve()) for m in s.models], "weights": s.weights},
+        }
+        write_text_atomic(ctx.output / "resolved_config.yaml", yaml.safe_dump(record, sort_keys=False))
+        _write_cards(ctx.output)
     return {"models": list(s.models)}
 
 

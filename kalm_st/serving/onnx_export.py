@@ -148,25 +148,42 @@ def _quantize_int8(source: Path, target: Path) -> None:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
-    # onnxruntime writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory: run it
-    # inside the export's own temporary folder so nothing is left behind in the user's (or a repository's) folder.
-    cwd = os.getcwd()
+    # onnxruntime may write scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory.
+    # The working directory is not changed (a relative path would then point elsewhere, and chdir is process-wide):
+    # absolute paths go in, and the scratch files this call created are removed after.
+    cwd = Path.cwd()
+    before = {entry.name for entry in cwd.iterdir()} if os.access(cwd, os.R_OK) else set()
     try:
-        os.chdir(target.parent)
         # Per-channel weight scales: all-MiniLM-L6-v2's smallest STS-B cosine to float32 rose from 0.944 (one
         # scale per tensor) to 0.990 at the same speed (benchmarks/onnx_speed.py, docs/benchmarks.md).
         quantize_dynamic(
-            str(source),
-            str(target),
+            str(source.resolve()),
+            str(target.resolve()),
             weight_type=QuantType.QInt8,
             per_channel=True,
             use_external_data_format=source.stat().st_size > 1_900_000_000,  # protobuf's 2 GB limit
         )
     finally:
-        os.chdir(cwd)
         root.setLevel(level)
-        for scratch in target.parent.glob("sym_shape_infer_temp.onnx*"):
-            scratch.unlink()
+        for folder in {cwd, target.parent}:
+            for scratch in folder.glob("sym_shape_infer_temp.onnx*"):
+                if folder != cwd or scratch.name not in before:
+                    scratch.unlink()
+        if os.access(cwd, os.R_OK):
+            for entry in cwd.iterdir():
+                if entry.name not in before and _is_uuid_scratch(entry.name):
+                    entry.unlink(missing_ok=True)
+
+
+def _is_uuid_scratch(name: str) -> bool:
+    """``<uuid4>`` or ``<uuid4>.data``: the external-data scratch files onnx writes beside a relative model path."""
+    import uuid
+
+    stem = name.removesuffix(".data")
+    try:
+        return str(uuid.UUID(stem)) == stem
+    except ValueError:
+        return False
 
 
 def check_parity(

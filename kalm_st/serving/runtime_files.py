@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kalm_st.io import read_json, write_json_atomic
+from kalm_st.io import read_json, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ LEGACY_POOLING_KEYS: dict[str, str] = {
 
 def _write_json(path: Path, data: Any) -> None:
     # Key order as given (not sorted): the pooling file reads v6 keys first, legacy keys after.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def dual_format_pooling_config(config: dict[str, Any], source: str = "the pooling config") -> dict[str, Any]:

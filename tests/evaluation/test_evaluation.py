@@ -13,6 +13,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import yaml
 
 from kalm_st.cli import main as cli_main
 from kalm_st.evaluation import (
@@ -90,7 +91,10 @@ def test_tiny_model_evaluates_on_every_local_task(tiny_run):
     for task in LOCAL:
         assert 0.0 <= tiny_run.run.scores[task] <= 1.0 or task in ("STSBenchmark", "SICK-R")  # Spearman may be < 0
         assert (tiny_run.run.results_dir / f"{task}.json").is_file()
-    assert tiny_run.run.results_dir == tiny_run.output / "results" / "kalm-st__tiny" / "local"
+    # keyed by the model's identity: its name and the fingerprint of its weights as the revision
+    fingerprint = tiny_run.run.fingerprint
+    assert len(fingerprint) == 16 and tiny_run.run.model_meta.revision == fingerprint
+    assert tiny_run.run.results_dir == tiny_run.output / "results" / "kalm-st__tiny" / fingerprint
 
 
 def test_instruction_strings_reach_the_model(tiny_run):
@@ -197,7 +201,7 @@ def test_crashed_run_keeps_results_and_rerun_skips_them(tiny_model, tiny_run, tm
         evaluate_model(
             tiny_model, ["STSBenchmark", "TrecQAReranking"], output_dir=output, data_dir=data, model_name="t/m"
         )
-    sts = output / "results" / "t__m" / "local" / "STSBenchmark.json"
+    (sts,) = (output / "results" / "t__m").glob("*/STSBenchmark.json")
     assert sts.is_file()
     first = sts.read_bytes()
     answers.write_bytes(saved)
@@ -239,7 +243,7 @@ def test_model_meta_and_results_folder(tiny_run, tmp_path):
     meta = build_model_meta(
         tiny_run.model,
         name="kalm-st/tiny",
-        revision="local",
+        revision=tiny_run.run.model_meta.revision,
         training_datasets={"STSBenchmark"},
         release_date="2026-01-01",
     )
@@ -248,7 +252,7 @@ def test_model_meta_and_results_folder(tiny_run, tmp_path):
     assert meta.max_tokens == 512 and meta.use_instructions
     assert meta.loader_kwargs["model_prompts"]["STSBenchmark"].startswith("Instruct: ")
     folder = export_results_folder(tiny_run.output, meta, tmp_path / "pr")
-    assert folder == tmp_path / "pr" / "results" / "kalm-st__tiny" / "local"
+    assert folder == tmp_path / "pr" / "results" / "kalm-st__tiny" / tiny_run.run.fingerprint
     assert {p.name for p in folder.iterdir()} == {f"{t}.json" for t in LOCAL} | {"model_meta.json"}
     assert json.loads((folder / "model_meta.json").read_text())["training_datasets"] == ["STSBenchmark"]
 
@@ -308,7 +312,9 @@ def test_push_with_faked_hub(tiny_run, tmp_path, monkeypatch, capsys, caplog):
         "me/kalm-tiny",
         {"private": True, "exist_ok": True, "repo_type": "model"},
     )
-    assert "model-index" in card and "MTEB STSBenchmark (default)" in card and "cosine_spearman" in card
+    # The trimmed data (300 rows of each file) is a subset: listed in the body as such, never in model-index.
+    assert "model-index" not in yaml.safe_load(card.split("---")[1]) and "MTEB STSBenchmark" not in card
+    assert "| STSBenchmark | subset: 300 of 1379 test samples | cosine_spearman |" in card
     assert "zhao2026iclr-kalmembeddingv2" in card and "lin2017focal" in card and "kusupati2022matryoshka" in card
     assert "focal_infonce" in card and "`gamma`: `0.5`" in card and "license: apache-2.0" in card
     assert "encode_query" in card and "Instruct: Given a query" in card
