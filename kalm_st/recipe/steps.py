@@ -8,6 +8,7 @@ its last checkpoint, teacher scores and mined embeddings from their caches under
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -110,47 +111,35 @@ class CurationInputs:
 
 
 def _load_data(settings: Any, ctx: StepContext) -> CurationInputs:
-    """Every task of the step's ``data`` files and ``sources`` (read as a stage reads ``data.sources``)."""
+    """Every task of the step's ``data`` files and ``sources``, through the one reader a stage uses."""
     from datasets import DatasetDict
 
-    from kalm_st.data import load_training_data
+    from kalm_st.data.load import LoadOptions, load_files, load_tasks
+    from kalm_st.data.tasks import expand_sources
 
     task_types = dict(settings.task_types)
-    data = DatasetDict()
-    if settings.data:
-        data = load_training_data(list(settings.data), task_types=task_types, row_instructions=settings.instructions)
-    types = {task: task_types[task] for task in data if task in task_types}
-    converted: set[str] = set()
+    options = LoadOptions(row_instructions=settings.instructions, seed=ctx.seed)
+    data, resolved = load_files(list(settings.data), options, task_types) if settings.data else ({}, {})
     if settings.sources:
-        from kalm_st.recipe.build import load_sources, resolve_tasks
-        from kalm_st.recipe.config import DataConfig
-
-        config = StageConfig(
-            stage="pretrain",
-            output_dir=str(ctx.step_dir),
-            seed=ctx.seed,
-            data=DataConfig(sources=tuple(settings.sources)),
-            args={"per_device_train_batch_size": 1},  # curation reads any task size (no batch to fill)
-            source=f"step {ctx.step.name!r}: sources",
-        )
-        loaded, resolved = load_sources(config, resolve_tasks(config, {}))
-        for task, dataset in loaded.items():
+        where = f"step {ctx.step.name!r}"
+        specs = expand_sources(settings.sources, where, "sources")
+        more, more_resolved = load_tasks(specs, dataclasses.replace(options, source=where))
+        for task in more:
             if task in data:
                 raise ConfigError(f"step {ctx.step.name!r}: task {task!r} comes from both data and sources.")
-            data[task] = dataset
-            types[task] = task_types.get(task) or resolved[task].type  # None: Retrieval, or as its name says
-            if resolved[task].converted:
-                converted.add(task)
+        data, resolved = {**data, **more}, {**resolved, **more_resolved}
     unknown = sorted(set(task_types) - set(data))
     if unknown:
         raise ConfigError(f"task_types names task(s) {unknown} that the data does not have (tasks: {list(data)}).")
-    return CurationInputs(data, types, frozenset(converted))
+    types = {task: task_types.get(task) or resolved[task].type for task in data}  # None: Retrieval, or as named
+    converted = frozenset(task for task, spec in resolved.items() if spec.converted)
+    return CurationInputs(DatasetDict(data), types, converted)
 
 
 def _corpus(path: str | None) -> list[str] | None:
     if path is None:
         return None
-    from kalm_st.data.formats import read_table
+    from kalm_st.data import read_table
 
     table = read_table(path)
     if "text" not in table.column_names:
@@ -172,7 +161,7 @@ def _passes_through(task: str, inputs: CurationInputs, ctx: StepContext) -> bool
     """Classification-like tasks (Classification, Clustering, a FlagEmbedding ``no_in_batch_neg`` folder) are not
     retrieval: their negatives are other classes (example-based labelling), so mining and ranking filters leave them
     as they are (METHOD.md §5)."""
-    from kalm_st.data.sources import NO_IN_BATCH_SUFFIX
+    from kalm_st.data.tasks import NO_IN_BATCH_SUFFIX
     from kalm_st.recipe.build import CLASSIFICATION_TYPES
 
     # Without an explicit type (a curation output read back from a file), MTEB's naming says it:
@@ -330,8 +319,7 @@ def run_label(ctx: StepContext) -> dict[str, Any]:
     from datasets import DatasetDict, concatenate_datasets
 
     from kalm_st.data import label_examples
-    from kalm_st.data.formats import read_table
-    from kalm_st.data.sources import local_shards
+    from kalm_st.data.shards import local_shards, read_table
 
     s = ctx.settings
     # every shard of every path (a file, a glob, a folder), labelled as one table: positives and negatives may
