@@ -44,6 +44,7 @@ class Problems:
         positions = np.flatnonzero(np.asarray(mask))[:limit]
         for i in positions:
             text = what(int(i)) if callable(what) else what
+            text = text if len(text) <= 300 else text[:300] + " ..."  # a row of embeddings is long
             row = int(self.rows[i])
             self.found.append((row, f"{self.label}: {self.unit} {self.first + row}: column {column!r}: {text}"))
 

@@ -256,7 +256,7 @@ def _layout(part: Part, fmt: str, options: LoadOptions, problems: list[str]) -> 
         embeddings = is_list(kind) and is_list(kind.value_type)
         if part.shard.csv and is_text(kind):  # JSON text: look at the first value's nesting
             first = pc.drop_null(part.dataset.data.table.column(score).slice(0, 1000))
-            embeddings = len(first) > 0 and first[0].as_py().lstrip("[ ").startswith("[")
+            embeddings = len(first) > 0 and first[0].as_py().strip()[1:].lstrip().startswith("[")
     instruction = "instruction" in columns and options.row_instructions
     if "instruction" in columns and not options.row_instructions:
         logger.warning("%s: column 'instruction' ignored (row instructions off): texts are used as written", label)

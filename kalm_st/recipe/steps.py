@@ -44,12 +44,21 @@ class StepContext:
     """The recipe's seed (sources draw their positives and ragged negatives with it, as training does)."""
     is_main: bool = True
     """Global rank 0 (always, without a launcher): the process that writes outputs shared by all ranks."""
+    cache_dir: Path | None = None
+    """The command line's ``--cache-dir`` (a one-step recipe): the embedding store or teacher cache, instead of the
+    recipe's."""
+    device: str | None = None
+    """The command line's ``--device`` for the step's models (None: sentence-transformers' choice)."""
 
     @property
     def embeddings_dir(self) -> Path:
         """The recipe's embedding store (:mod:`kalm_st.data.embedding_store`), shared by its curation steps: a
         ``mine`` after a ``filter`` of the same corpus with the same model reads the filter's embeddings."""
-        return self.builtin_dir.parent / "embeddings"
+        return self.cache_dir or self.builtin_dir.parent / "embeddings"
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.cache_dir or self.step_dir / "cache"
 
 
 def default_output(step: Step, step_dir: Path) -> Path | None:
@@ -95,8 +104,9 @@ def load_encoder(value: str, ctx: StepContext, max_seq_length: int | None = None
         model = load_model(value)
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
-        return model
-    return build_model(value, **({"max_seq_length": max_seq_length} if max_seq_length else {}))
+    else:
+        model = build_model(value, **({"max_seq_length": max_seq_length} if max_seq_length else {}))
+    return model.to(ctx.device) if ctx.device else model
 
 
 @dataclass(frozen=True)
@@ -340,7 +350,11 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
 
     s = ctx.settings
     inputs = _load_data(s, ctx)
-    teacher = CrossEncoder(s.teacher, model_kwargs=_dtype_kwargs(s.dtype)) if s.cross_encoder else load_teacher(s, ctx)
+    teacher = (
+        CrossEncoder(s.teacher, model_kwargs=_dtype_kwargs(s.dtype), device=ctx.device)
+        if s.cross_encoder
+        else load_teacher(s, ctx)
+    )
     out = DatasetDict()
     for task, dataset in inputs.data.items():
         # A reranker reads (query, text) pairs as they are; an embedding teacher gets the task's instructions.
@@ -351,7 +365,7 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
             query_prompt=prompts[0],
             document_prompt=prompts[1],
             batch_size=s.batch_size,
-            cache_dir=ctx.step_dir / "cache",
+            cache_dir=ctx.teacher_cache,
             teacher_id=s.teacher_id,
             chunk_size=s.chunk_size,
         )
@@ -369,7 +383,7 @@ def run_teacher_embed(ctx: StepContext) -> dict[str, Any]:
 
     s = ctx.settings
     out = embed_training_data(
-        _load_data(s, ctx).data, load_teacher(s, ctx), ctx.step_dir / "cache",
+        _load_data(s, ctx).data, load_teacher(s, ctx), ctx.teacher_cache,
         teacher_name=s.teacher_id or s.teacher, chunk_size=s.chunk_size, batch_size=s.batch_size,
     )  # fmt: skip
     return {"rows": _write(out, ctx.output), "teacher": s.teacher}
@@ -396,7 +410,7 @@ def load_teacher(settings: Any, ctx: StepContext) -> Any:
     value = settings.teacher
     if value.startswith(BUILTIN_PREFIX) or Path(value).is_dir():
         return load_encoder(value, ctx)
-    return SentenceTransformer(value, model_kwargs=_dtype_kwargs(settings.dtype))
+    return SentenceTransformer(value, model_kwargs=_dtype_kwargs(settings.dtype), device=ctx.device)
 
 
 def run_soup(ctx: StepContext) -> dict[str, Any]:
