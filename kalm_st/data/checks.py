@@ -139,11 +139,41 @@ def check_column_names(columns: Sequence[str], known: Sequence[str], label: str)
     return problems
 
 
-def repeated_pairs(dataset: Any, batch_size: int = 1 << 16) -> tuple[int, str | None]:
-    """``(rows repeating an earlier (anchor, positive) pair, an example anchor)``: two 64-bit hashes per row (the
-    embedding store's), counted with numpy; kept beside a cached dataset's Arrow file, so once per fingerprint."""
-    from kalm_st.data.embedding_store import text_keys
+_HASH_BYTES = 1 << 22  # text bytes hashed at once: ~32 MB of numpy scratch
+_PRIMES = (np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15))
 
+
+def text_hashes(texts: pa.Array, prime: int = 0) -> np.ndarray:
+    """A 64-bit polynomial hash of each text's UTF-8 bytes (``sum b_j * P^j``, wrapping), straight from the Arrow
+    buffers with numpy: no Python string per row. Missing texts hash like empty ones."""
+    texts = pc.fill_null(texts.cast(pa.large_string()), "")
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = (
+        np.frombuffer(texts.buffers()[2], dtype=np.uint8) if texts.buffers()[2] is not None else np.zeros(0, np.uint8)
+    )
+    lengths = np.diff(offsets)
+    out = lengths.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)  # the length, mixed in
+    powers = np.cumprod(np.full(max(int(lengths.max(initial=0)), 1), _PRIMES[prime], dtype=np.uint64))
+    row = 0
+    while row < len(texts):  # rows whose bytes fit the scratch budget (at least one)
+        end = max(int(np.searchsorted(offsets, offsets[row] + _HASH_BYTES, side="right")) - 1, row + 1)
+        end = min(end, len(texts))
+        counts = lengths[row:end]
+        first = offsets[row:end] - offsets[row]
+        position = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)
+        values = data[offsets[row] : offsets[end]].astype(np.uint64) * powers[position]
+        filled = np.flatnonzero(counts > 0)
+        if len(filled):
+            out[row + filled] += np.add.reduceat(values, first[filled])
+        row = end
+    return out
+
+
+def repeated_pairs(dataset: Any, batch_size: int = 1 << 16) -> tuple[int, str | None]:
+    """``(rows repeating an earlier (anchor, positive) pair, an example anchor)``: a 64-bit hash of each pair
+    (:func:`text_hashes`), counted with numpy; kept beside a cached dataset's Arrow file, so once per fingerprint."""
     files = getattr(dataset, "cache_files", None) or []
     marker = None
     if files:
@@ -154,9 +184,8 @@ def repeated_pairs(dataset: Any, batch_size: int = 1 << 16) -> tuple[int, str | 
             return found["repeated"], found["example"]
     keys = []
     for table in dataset.select_columns(["anchor", "positive"]).with_format("arrow").iter(batch_size=batch_size):
-        a, p = text_keys(table.column("anchor")), text_keys(table.column("positive"))
         with np.errstate(over="ignore"):
-            keys.append(a[:, 0] * np.uint64(0x9E3779B97F4A7C15) ^ p[:, 1])
+            keys.append(text_hashes(table.column("anchor"), 0) * _PRIMES[1] ^ text_hashes(table.column("positive"), 1))
     joined = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     unique, first, counts = np.unique(joined, return_index=True, return_counts=True)
     repeated = int(len(joined) - len(unique))
