@@ -191,7 +191,7 @@ def repeated_pairs(dataset: Any, batch_size: int = 1 << 16) -> tuple[int, str | 
     repeated = int(len(joined) - len(unique))
     example = None
     if repeated:
-        row = int(first[np.argmax(counts > 1)])
+        row = int(first[counts > 1].min())  # the earliest pair that repeats
         example = dataset.select_columns(["anchor"]).with_format("arrow")[row : row + 1].column(0)[0].as_py()
     if marker is not None:
         try:
