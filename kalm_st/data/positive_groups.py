@@ -37,7 +37,7 @@ GroupStarts = np.ndarray | str
 def group_starts(dataset: Any, batch_size: int = 1 << 22) -> np.ndarray:
     """The first row of each run of equal :data:`POSITIVE_GROUP` values (int64, ascending, starts with 0).
 
-    Groups are runs, not values: the rows of a group are consecutive (as written by ``convert_pairs``, kept by the
+    Groups are runs, not values: the rows of a group are consecutive (as written by the reader, :mod:`kalm_st.data.load`, kept by the
     curation steps). Read in Arrow batches of ``batch_size`` rows; memory is one int64 per group.
     """
     if POSITIVE_GROUP not in dataset.column_names:
