@@ -275,27 +275,25 @@ def _all_null(dataset: Any, column: str) -> bool:
 
 
 def _longest(part: Part, layout: Layout) -> int:
-    """The most negatives a row of the part has (Arrow over the column; no Python object per row)."""
-    table = part.dataset.select_columns(
-        [c for c in (layout.neg_list, *layout.neg_columns) if c]
-    ).with_format("arrow")[:] if (layout.neg_list or layout.neg_columns) else None  # fmt: skip
-    if table is None:
-        return 0
-    if layout.neg_list is not None:
-        column = table.column(layout.neg_list).combine_chunks()
-        if layout.csv and is_text(column.type):
-            from kalm_st.data.checks import parse_json_lists
-
-            column = parse_json_lists(column, layout.neg_list, part.shard.label)
-        if not is_list(column.type):
-            return 0  # the batches name the rows
-        return int(pc.max(pc.list_value_length(column)).as_py() or 0)
+    """The most negatives a row of the part has (Arrow, batch by batch: constant memory)."""
+    columns = [c for c in (layout.neg_list, *layout.neg_columns) if c]
     longest = 0
-    for k, name in enumerate(layout.neg_columns):
-        column = table.column(name)
-        filled = pc.is_valid(column) if not is_text(column.type) else pc.not_equal(column, "")
-        if pc.any(filled).as_py():
-            longest = k + 1
+    for batch in part.dataset.select_columns(columns).with_format("arrow").iter(batch_size=_BATCH) if columns else ():
+        if layout.neg_list is not None:
+            column = batch.column(layout.neg_list)
+            if layout.csv and is_text(column.type):
+                from kalm_st.data.checks import parse_json_lists
+
+                column = parse_json_lists(column.combine_chunks(), layout.neg_list, part.shard.label)
+            if not is_list(column.type):
+                return 0  # the batches of the conversion name the rows
+            longest = max(longest, int(pc.max(pc.list_value_length(column)).as_py() or 0))
+            continue
+        for k, name in enumerate(layout.neg_columns):
+            column = batch.column(name)
+            filled = pc.is_valid(column) if not is_text(column.type) else pc.not_equal(column, "")
+            if k + 1 > longest and pc.any(filled).as_py():
+                longest = k + 1
     return longest
 
 
