@@ -145,6 +145,8 @@ def _filter(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     from kalm_st.recipe.recipe import LabelStep
 
+    if not args.input:
+        raise ValueError("label: give the labelled input file(s)")
     settings = LabelStep(
         data=tuple(args.input), task=args.task, text_column=args.text_column, label_column=args.label_column,
         num_negatives=args.num_negatives, seed=args.seed,
