@@ -67,7 +67,6 @@ FLAG_TYPES: Mapping[str, str | None] = {
     "symmetric_class": "Classification",
 }
 """FlagEmbedding's row ``type`` -> kalm-st task type (None: the task's own)."""
-_KALM_COLUMNS = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "type")
 _BATCH = 10_000
 
 
@@ -82,7 +81,6 @@ class LoadOptions:
     positives: str = "epoch"
     seed: int = 0
     row_instructions: bool = True
-    min_rows: int | None = None
     source: str | None = None
     """The config file, for errors that name its keys (None: plain files, errors name the files)."""
     skip_remote: bool = False
