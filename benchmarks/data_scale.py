@@ -356,10 +356,10 @@ def _variant_child(variant: str, side: str, path: Path, out: Path) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _variants(rows_list: list[int], workdir: Path) -> None:
+def _variants(rows_list: list[int], workdir: Path, names: list[str]) -> None:
     results = []
     for rows in rows_list:
-        for variant in VARIANTS:
+        for variant in names:
             path = workdir / f"variants_{rows}" / f"{variant}.parquet"
             if not path.exists():
                 generate_variant(path, variant, rows)
@@ -386,7 +386,7 @@ def _variants(rows_list: list[int], workdir: Path) -> None:
     worst_anon, worst_ratio = 0.0, 0.0
     for rows in rows_list:
         m = rows / 1e6
-        for variant in VARIANTS:
+        for variant in names:
             for run in ("first", "cached"):
                 ours, plain = by[(rows, variant, "kalm-st", run)], by[(rows, variant, "plain-st", run)]
                 kalm = by[(rows, "kalm", "kalm-st", run)]
@@ -407,6 +407,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/data_scale"))
     parser.add_argument("--variants", action="store_true", help="the reader alone, per input variant")
+    parser.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="these variants")
     parser.add_argument("--variant-child")
     parser.add_argument("--side")
     parser.add_argument("--child")
@@ -420,7 +421,7 @@ def main() -> None:
         _variant_child(args.variant_child, args.side, args.root, args.out)
         return
     if args.variants:
-        _variants(args.rows, args.workdir)
+        _variants(args.rows, args.workdir, args.only)
         return
     results = []
     for rows in args.rows:
