@@ -17,6 +17,15 @@ Reported per run: wall seconds from process start to the end of step 10, peak RS
 (the gap between one step's end and the next one's start: fetching and collating the batch).
 
     python benchmarks/data_scale.py --rows 100000 1000000 5000000 --workdir /tmp/data_scale
+
+``--variants``: the reader alone, per input variant (issue 22), CPU seconds and private memory per million rows,
+first start (empty ``datasets`` cache) and cached start, kalm-st's stage reader (``load_sources``, what
+``kalm-st train --dry-run`` runs) side by side with plain sentence-transformers loading the same rows
+(``load_dataset`` + one batched Arrow ``map`` to ``anchor, positive, negative_1..k[, label]``). One parquet file per
+variant: kalm-st's layout plain (3 negatives), + a per-row ``instruction``, + integer ``label`` lists, + float scores
+truncated (7 negatives, ``num_negatives: 3``), ragged (0..7 negatives); the KaLM layout (``query``, ``pos``, ``neg``).
+
+    python benchmarks/data_scale.py --variants --rows 1000000 4000000 --workdir /tmp/data_scale
 """
 
 from __future__ import annotations
@@ -233,16 +242,186 @@ def _measure(variant: str, root: Path, out: Path, cache: Path) -> dict:
     raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
 
 
+VARIANTS = ("plain", "instruction", "int_labels", "truncated_scores", "ragged", "kalm")
+
+
+def generate_variant(path: Path, variant: str, rows: int, seed: int = 0) -> None:
+    """One parquet file of ``rows`` rows of a variant, built with pyarrow (shards of 500k rows in row groups)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    words = np.array(["".join(rng.choice(list("abcdefghij"), rng.integers(2, 9))) for _ in range(3000)])
+    queries = pa.array([" ".join(rng.choice(words, 6)) for _ in range(4096)])
+    docs = pa.array([" ".join(rng.choice(words, 20)) for _ in range(4096)])
+    k = 7 if variant in ("truncated_scores", "ragged") else 3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    for start in range(0, rows, 500_000):
+        n = min(500_000, rows - start)
+        ids = pc.cast(pa.array(np.arange(start, start + n)), pa.string())
+
+        def texts(pool: pa.Array, count: int, salt: str) -> pa.Array:
+            picked = pool.take(pa.array(rng.integers(0, len(pool), count)))
+            return pc.binary_join_element_wise(picked, " ", pc.cast(pa.array(np.arange(count)), pa.string()), salt, "")
+
+        lengths = (np.arange(start, start + n) % 8) if variant == "ragged" else np.full(n, k)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        negatives = pa.ListArray.from_arrays(offsets, texts(docs, int(lengths.sum()), f"n{start}"))
+        query = pc.binary_join_element_wise(texts(queries, n, "q"), ids, " ")
+        positive = pc.binary_join_element_wise(texts(docs, n, "p"), ids, " ")
+        if variant == "kalm":
+            one = pa.array(np.arange(n + 1, dtype=np.int32))
+            table = pa.table({"query": query, "pos": pa.ListArray.from_arrays(one, positive), "neg": negatives})
+        else:
+            table = pa.table({"anchor": query, "positive": positive, "negatives": negatives})
+        if variant == "instruction":
+            topics = pc.cast(pa.array(np.arange(start, start + n) % 100), pa.string())
+            table = table.append_column(
+                "instruction", pc.binary_join_element_wise("Find passages on topic", topics, " ")
+            )
+        if variant in ("int_labels", "truncated_scores"):
+            values = rng.integers(0, 4, n * (k + 1)) if variant == "int_labels" else rng.random(n * (k + 1))
+            step = pa.array(np.arange(n + 1, dtype=np.int32) * (k + 1))
+            table = table.append_column("label", pa.ListArray.from_arrays(step, pa.array(values)))
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=100_000)
+    writer.close()
+
+
+def _anon_kb() -> int:
+    return _AnonPeak._anon_kb()
+
+
+def _variant_child(variant: str, side: str, path: Path, out: Path) -> None:
+    """Load one variant's file in this process: CPU seconds and private memory added by the loading alone."""
+    import datasets  # noqa: F401 - imported before the baseline, as the reader's own imports
+
+    from kalm_st.recipe.build import load_sources, resolve_tasks  # noqa: F401
+
+    base = _anon_kb()
+    anon = _AnonPeak()
+    cpu = os.times()
+    if side == "kalm-st":
+        from kalm_st.recipe.config import StageConfig
+
+        config = StageConfig.from_dict(
+            {
+                "stage": "pretrain",
+                "output_dir": str(out),
+                "model": {"init_from": "builtin:tiny-qwen2"},
+                "data": {
+                    "tasks": {variant: {"path": str(path)}},
+                    "num_negatives": 3 if variant == "truncated_scores" else None,
+                },
+                "loss": {"name": "focal_infonce"},
+                "args": {"per_device_train_batch_size": 1},
+            },
+            source="data_scale",
+        )
+        data, _ = load_sources(config, resolve_tasks(config, config.data.tasks))
+        rows = len(data[variant])
+    else:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        from datasets import load_dataset
+
+        k = 1 if variant == "ragged" else 3
+
+        def to_st(batch: pa.Table) -> pa.Table:  # what a user writes: anchor, positive, negative_1..k[, label]
+            query = batch.column("query" if variant == "kalm" else "anchor")
+            positive = pc.list_element(batch.column("pos"), 0) if variant == "kalm" else batch.column("positive")
+            negatives = batch.column("neg" if variant == "kalm" else "negatives")
+            columns = {"anchor": query, "positive": positive}
+            columns.update({f"negative_{j + 1}": pc.list_element(negatives, j) for j in range(k)})
+            if "label" in batch.column_names:
+                columns["label"] = pc.list_slice(batch.column("label"), 0, k + 1)
+            return pa.table(columns)
+
+        dataset = load_dataset("parquet", data_files=str(path), split="train")
+        if variant == "ragged":  # plain ST takes one negative from the rows that have one
+            dataset = dataset.with_format("arrow").filter(
+                lambda b: pc.greater(pc.list_value_length(b.column("negatives")), 0), batched=True
+            )
+        dataset = dataset.with_format("arrow").map(to_st, batched=True, remove_columns=dataset.column_names)
+        rows = len(dataset)
+    after = os.times()
+    result = {
+        "cpu_s": (after.user - cpu.user) + (after.system - cpu.system),
+        "anon_gb": max(0.0, anon.stop() - base / 2**20),
+        "rows_out": rows,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _variants(rows_list: list[int], workdir: Path, names: list[str]) -> None:
+    results = []
+    for rows in rows_list:
+        for variant in names:
+            path = workdir / f"variants_{rows}" / f"{variant}.parquet"
+            if not path.exists():
+                generate_variant(path, variant, rows)
+            for side in ("kalm-st", "plain-st"):
+                cache = workdir / f"cache_{rows}_{variant}_{side}"
+                shutil.rmtree(cache, ignore_errors=True)
+                for run in ("first", "cached"):
+                    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+                           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+                    command = [sys.executable, __file__, "--variant-child", variant, "--side", side]
+                    command += ["--root", str(path), "--out", str(workdir / "out")]
+                    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+                    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                    if line is None:
+                        raise RuntimeError(f"{variant} {side} failed:\n{proc.stderr[-4000:]}")
+                    result = {"rows": rows, "variant": variant, "side": side, "run": run, **json.loads(line[7:])}
+                    result["load_1min"] = round(os.getloadavg()[0], 1)
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
+    print("\n| rows | variant | run | kalm-st CPU s/M | plain ST CPU s/M | kalm-st anon GB/M | plain ST anon GB/M |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    by = {(r["rows"], r["variant"], r["side"], r["run"]): r for r in results}
+    worst_anon, worst_ratio = 0.0, 0.0
+    for rows in rows_list:
+        m = rows / 1e6
+        for variant in names:
+            for run in ("first", "cached"):
+                ours, plain = by[(rows, variant, "kalm-st", run)], by[(rows, variant, "plain-st", run)]
+                kalm = by[(rows, "kalm", "kalm-st", run)]
+                worst_anon = max(worst_anon, ours["anon_gb"] / m)
+                worst_ratio = max(worst_ratio, ours["cpu_s"] / max(kalm["cpu_s"], 1e-9))
+                print(
+                    f"| {rows:,} | {variant} | {run} | {ours['cpu_s'] / m:.1f} | {plain['cpu_s'] / m:.1f} | "
+                    f"{ours['anon_gb'] / m:.3f} | {plain['anon_gb'] / m:.3f} |"
+                )
+    print(
+        f"headline: every variant at most {worst_anon:.3f} GB private memory per M rows (goal <= 0.1) and at most "
+        f"{worst_ratio:.2f}x the KaLM layout's CPU time (goal <= 2x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/data_scale"))
+    parser.add_argument("--variants", action="store_true", help="the reader alone, per input variant")
+    parser.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="these variants")
+    parser.add_argument("--variant-child")
+    parser.add_argument("--side")
     parser.add_argument("--child")
     parser.add_argument("--root", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.root, args.out, _START)
+        return
+    if args.variant_child:
+        _variant_child(args.variant_child, args.side, args.root, args.out)
+        return
+    if args.variants:
+        _variants(args.rows, args.workdir, args.only)
         return
     results = []
     for rows in args.rows:

@@ -1,7 +1,9 @@
-"""``kalm-st mine | filter | label | teacher-score | teacher-embed``: the curation tools of :mod:`kalm_st.data` on files.
+"""``kalm-st mine | filter | label | teacher-score | teacher-embed``: a one-step recipe on files.
 
-Each reads training data (jsonl/csv/parquet, see :mod:`kalm_st.data.formats`), applies the tool per task and writes
-one output file atomically (a ``task`` column keeps the tasks apart).
+Each command builds the settings of the recipe step of the same kind (:mod:`kalm_st.recipe.recipe`) and runs it
+through the same runner (:data:`kalm_st.recipe.steps.RUNNERS`): the same reader (:mod:`kalm_st.data.load`), the same
+pass-through of Classification / Clustering tasks, the same output (one file, written atomically, a ``task`` column
+keeping the tasks apart).
 
 Instructions: ``mine``, ``filter`` and ``teacher-score`` encode every text with the prompt training gives it
 (:func:`kalm_st.instructions.column_prompts`), so give each task the type its training config has
@@ -15,16 +17,29 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
 def _common(parser: argparse.ArgumentParser, model_help: str | None = "embedding model (path or Hub id)") -> None:
-    parser.add_argument("input", nargs="+", help="training data file(s)")
+    parser.add_argument("input", nargs="*", help="training data file(s), globs or folders")
     parser.add_argument("-o", "--output", required=True, help="output file (.jsonl, .csv or .parquet)")
     if model_help:
         parser.add_argument("--model", required=True, help=model_help)
+        parser.add_argument(
+            "--source",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="a data source as in a recipe step's 'sources' (folder, glob, hf://datasets/...; repeatable)",
+        )
+        parser.add_argument(
+            "--source-tasks", choices=["one", "subfolders", "column"], default="one", help="tasks of each --source"
+        )
     parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size")
     parser.add_argument("--device", default=None, help="torch device (default: auto)")
     if model_help:
@@ -35,7 +50,7 @@ def _common(parser: argparse.ArgumentParser, model_help: str | None = "embedding
             metavar="TASK=TYPE",
             help="MTEB type of a task, as in its training config (repeatable; e.g. my_sts=STS): decides which texts "
             "get the task's instruction (STS / PairClassification: both sides; Classification / Clustering: every "
-            "text; default Retrieval: queries only)",
+            "text, and mine / filter pass the task through; default Retrieval: queries only)",
         )
     parser.add_argument(
         "--no-instructions",
@@ -62,175 +77,126 @@ def _task_types(args: argparse.Namespace) -> dict[str, str]:
     return types
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
-    """The input data (row instructions written into the texts unless --no-instructions) and the task types."""
-    from kalm_st.data import load_training_data
+def _inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings every data-reading step shares: files, sources, task types, instructions."""
+    from kalm_st.recipe.config import SourceConfig
+
+    if not args.input and not args.source:
+        raise ValueError("give input file(s) or --source")
+    return {
+        "data": tuple(args.input),
+        "sources": tuple(SourceConfig(path=path, tasks=args.source_tasks) for path in args.source),
+        "task_types": _task_types(args),
+        "instructions": not args.no_instructions,
+    }
+
+
+def _run(kind: str, settings: Any, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """Run ``settings`` as a one-step recipe through the recipe's own runner; ``(summary, step folder)``."""
     from kalm_st.io import check_output_path
+    from kalm_st.recipe.recipe import Step
+    from kalm_st.recipe.steps import RUNNERS, StepContext
 
-    check_output_path(args.output)  # before any encoding: a bad path fails now, not after hours of work
-    task_types = _task_types(args)
-    data = load_training_data(args.input, task_types=task_types, row_instructions=not args.no_instructions)
-    unknown = sorted(set(task_types) - set(data))
-    if unknown:
-        raise ValueError(f"--task-type names task(s) {unknown} that the input does not have (tasks: {list(data)})")
-    return data, task_types
-
-
-def _prompts(dataset: Any, task: str, task_types: dict[str, str], args: argparse.Namespace) -> tuple[str, str]:
-    """``(query_prompt, document_prompt)`` of a task: training's prompts (always strings, ``""`` for none)."""
-    from kalm_st.instructions import encoding_prompts
-
-    query_prompt, document_prompt = encoding_prompts(
-        dataset, task, task_types.get(task), instructions=not args.no_instructions
+    check_output_path(args.output)  # before any loading or encoding: a bad path fails now, not after hours of work
+    work = Path(tempfile.mkdtemp(prefix=f"kalm-st-{kind}-"))
+    cache = getattr(args, "cache_dir", None)
+    if not cache and kind.startswith("teacher-"):  # teacher caches outlive the run: beside the output, never the cwd
+        cache = (
+            Path(args.output).parent
+            / ".kalm_cache"
+            / {"teacher-score": "teacher_scores"}.get(kind, "teacher_embeddings")
+        )
+    ctx = StepContext(
+        step=Step(name=kind, kind=kind, settings=settings),
+        settings=settings,
+        step_dir=work / kind,
+        output=Path(args.output),
+        builtin_dir=work / "builtin",
+        resume=False,
+        seed=getattr(args, "seed", 0),
+        cache_dir=Path(cache) if cache else None,
+        device=args.device,
     )
-    logger.info("task %r: query prompt %r, document prompt %r", task, query_prompt, document_prompt)
-    return query_prompt, document_prompt
-
-
-def _cache_beside(output: str, name: str) -> str:
-    """A cache folder under the output's folder (never the working directory)."""
-    from pathlib import Path
-
-    return str(Path(output).parent / ".kalm_cache" / name)
-
-
-def _load_model(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
-    from sentence_transformers import SentenceTransformer
-
-    from kalm_st.model import check_model_path
-
-    return SentenceTransformer(check_model_path(args.model), device=args.device)
+    ctx.step_dir.mkdir(parents=True)
+    return RUNNERS[kind](ctx), work
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from datasets import DatasetDict
+    from kalm_st.recipe.recipe import MineStep
 
-    from kalm_st.data import mine_hard_negatives, write_training_data
-
-    (data, task_types), model, out = _load(args), _load_model(args), DatasetDict()
-    for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(dataset, task, task_types, args)
-        out[task] = mine_hard_negatives(
-            dataset,
-            model,
-            range_min=args.range_min,
-            range_max=args.range_max,
-            num_negatives=args.num_negatives,
-            sampling_strategy=args.sampling,
-            query_prompt=query_prompt,
-            corpus_prompt=corpus_prompt,
-            output_scores=args.scores,
-            batch_size=args.batch_size,
-            use_faiss=True if args.faiss else None,
-            cache_folder=args.cache_dir,
-            chunk_size=args.chunk_size,
-            seed=args.seed,
-        )
-        logger.info(
-            "mine: task %r: %d of %d rows with %d negatives", task, len(out[task]), len(dataset), args.num_negatives
-        )
-    write_training_data(out, args.output)
+    settings = MineStep(
+        model=args.model, corpus=args.corpus, range_min=args.range_min, range_max=args.range_max,
+        num_negatives=args.num_negatives, sampling=args.sampling, scores=args.scores, batch_size=args.batch_size,
+        faiss=True if args.faiss else None, chunk_size=args.chunk_size, seed=args.seed, **_inputs(args),
+    )  # fmt: skip
+    summary, work = _run("mine", settings, args)
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("mine: rows per task %s", summary["rows"])
     return 0
 
 
 def _filter(args: argparse.Namespace) -> int:
-    from datasets import DatasetDict
+    from kalm_st.recipe.recipe import FilterStep
 
-    from kalm_st.data import filter_by_rank, write_training_data
-
-    (data, task_types), model, out = _load(args), _load_model(args), DatasetDict()
-    total = dropped = 0
-    for task, dataset in data.items():
-        query_prompt, corpus_prompt = _prompts(dataset, task, task_types, args)
-        out[task], report = filter_by_rank(
-            dataset, model, top_k=args.top_k, query_prompt=query_prompt, corpus_prompt=corpus_prompt,
-            batch_size=args.batch_size, cache_folder=args.cache_dir, chunk_size=args.chunk_size,
-            use_faiss=True if args.faiss else None,
-        )  # fmt: skip
-        logger.info("filter: task %r: %s", task, report)
-        total, dropped = total + report.total, dropped + report.dropped
+    settings = FilterStep(
+        model=args.model, corpus=args.corpus, top_k=args.top_k, batch_size=args.batch_size,
+        faiss=True if args.faiss else None, chunk_size=args.chunk_size, **_inputs(args),
+    )  # fmt: skip
+    summary, work = _run("filter", settings, args)
+    shutil.rmtree(work, ignore_errors=True)
+    dropped = sum(summary["dropped"].values())
+    total = dropped + sum(summary["rows"][task] for task in summary["dropped"])
     print(f"filter: dropped {dropped} of {total} rows whose positive is not in the top {args.top_k}")  # noqa: T201
-    write_training_data(out, args.output)
     return 0
 
 
 def _label(args: argparse.Namespace) -> int:
-    from datasets import DatasetDict
+    from kalm_st.recipe.recipe import LabelStep
 
-    from kalm_st.data import label_examples, write_training_data
-    from kalm_st.data.formats import read_table
-
-    out = DatasetDict()
-    for path in args.input:
-        raw = read_table(path)
-        labelled = label_examples(
-            raw, text_column=args.text_column, label_column=args.label_column, num_negatives=args.num_negatives,
-            seed=args.seed,
-        )  # fmt: skip
-        out[args.task] = labelled if args.task not in out else _concat(out[args.task], labelled)
-    write_training_data(out, args.output)
+    if not args.input:
+        raise ValueError("label: give the labelled input file(s)")
+    settings = LabelStep(
+        data=tuple(args.input), task=args.task, text_column=args.text_column, label_column=args.label_column,
+        num_negatives=args.num_negatives, seed=args.seed,
+    )  # fmt: skip
+    summary, work = _run("label", settings, args)
+    shutil.rmtree(work, ignore_errors=True)
     print(  # noqa: T201
-        f"label: {len(out[args.task])} rows for task {args.task!r}; train it with type Classification "
+        f"label: {summary['rows'][args.task]} rows for task {args.task!r}; train it with type Classification "
         f"(instruction on every column) and no in-batch negatives, and curate it with "
         f"--task-type {args.task}=Classification"
     )
     return 0
 
 
-def _concat(a, b):  # noqa: ANN001, ANN202
-    from datasets import concatenate_datasets
-
-    return concatenate_datasets([a, b])
-
-
 def _teacher_score(args: argparse.Namespace) -> int:
-    from datasets import DatasetDict
+    from kalm_st.recipe.recipe import TeacherScoreStep
 
-    from kalm_st.data import score_with_teacher, write_training_data
-
-    data, task_types = _load(args)
-    if args.cross_encoder:
-        from sentence_transformers import CrossEncoder
-
-        from kalm_st.model import check_model_path
-
-        teacher = CrossEncoder(check_model_path(args.model), device=args.device)
-    else:
-        teacher = _load_model(args)
-    out = DatasetDict()
-    for task, dataset in data.items():
-        # a cross-encoder takes no prompts: it scores the texts as loaded (rerankers have their own input format)
-        query_prompt, document_prompt = (
-            (None, None) if args.cross_encoder else _prompts(dataset, task, task_types, args)
-        )
-        out[task] = score_with_teacher(
-            dataset, teacher, query_prompt=query_prompt, document_prompt=document_prompt,
-            batch_size=args.batch_size, cache_dir=args.cache_dir or _cache_beside(args.output, "teacher_scores"),
-            teacher_id=args.teacher_id,
-        )  # fmt: skip
-    write_training_data(out, args.output)
+    settings = TeacherScoreStep(
+        teacher=args.model, cross_encoder=args.cross_encoder, batch_size=args.batch_size, teacher_id=args.teacher_id,
+        flag_embedding=bool(args.flag_embedding), dtype="float32", **_inputs(args),
+    )  # fmt: skip
+    summary, work = _run("teacher-score", settings, args)
     if args.flag_embedding:
-        from kalm_st.data.teacher_scores import write_flag_embedding
-
-        write_flag_embedding(out, args.flag_embedding)
+        shutil.copytree(summary["flag_embedding"], args.flag_embedding, dirs_exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def _teacher_embed(args: argparse.Namespace) -> int:
-    from kalm_st.data import write_training_data
-    from kalm_st.data.teacher_embeddings import embed_training_data
+    from kalm_st.recipe.recipe import TeacherEmbedStep
 
-    data, _ = _load(args)
-    out = embed_training_data(
-        data, _load_model(args), args.cache_dir or _cache_beside(args.output, "teacher_embeddings"),
-        teacher_name=args.teacher_id or args.model,
-        chunk_size=args.chunk_size, batch_size=args.batch_size,
+    settings = TeacherEmbedStep(
+        teacher=args.model, batch_size=args.batch_size, chunk_size=args.chunk_size, teacher_id=args.teacher_id,
+        dtype="float32", **_inputs(args),
     )  # fmt: skip
-    write_training_data(out, args.output)
+    _, work = _run("teacher-embed", settings, args)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def _search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default=None, help="a file with a 'text' column to search (default: the data)")
     parser.add_argument("--faiss", action="store_true", help="require faiss for retrieval (default: when installed)")
     parser.add_argument(
         "--cache-dir", default=None, help="embedding store: encoded chunks are kept here, a rerun resumes"

@@ -18,8 +18,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from kalm_st.data.candidates import column_array, encode_candidates, rows_by_query
+from kalm_st.data.columns import negative_columns_of
 from kalm_st.data.embedding_store import as_arrow_strings
-from kalm_st.data.formats import negative_columns_of
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

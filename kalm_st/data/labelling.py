@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from kalm_st.data.formats import negative_columns
+from kalm_st.data.columns import negative_columns
 
 if TYPE_CHECKING:
     pass
@@ -35,7 +35,7 @@ def label_examples(
     Deterministic given ``seed``.
 
     Instructions: give the task a single-text type in
-    :func:`kalm_st.data.formats.build_training_prompts` (``task_types={task: "Classification"}``), which puts the
+    :func:`kalm_st.data.build_training_prompts` (``task_types={task: "Classification"}``), which puts the
     task's instruction on every column; train without in-batch negatives (METHOD.md §3).
     """
     for column in (text_column, label_column):

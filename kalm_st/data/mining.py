@@ -24,8 +24,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from kalm_st.data.candidates import arrow_column, column_array, encode_candidates, rows_by_query
+from kalm_st.data.columns import negative_columns
 from kalm_st.data.embedding_store import as_arrow_strings, model_fingerprint, text_keys
-from kalm_st.data.formats import negative_columns
 from kalm_st.data.positive_groups import POSITIVE_GROUP
 from kalm_st.io import atomic_file
 

@@ -1,7 +1,7 @@
 """Several positives per query, one per row per epoch: the rows of a group and the seeded draw of each epoch.
 
 A KaLM / FlagEmbedding row with ``k`` positives (``pos`` list) is read as ``k`` consecutive rows that share the query,
-the negatives and the row's teacher scores, each with one positive (:func:`kalm_st.data.sources.convert_pairs`),
+the negatives and the row's teacher scores, each with one positive (:mod:`kalm_st.data.load`),
 and a :data:`POSITIVE_GROUP` column: the source row they came from. Before training, :func:`split_positive_groups`
 takes that column out of the datasets (sentence-transformers' collator would tokenize it; its prompts and model
 card would show it) and keeps, per task, the first row of each group as one int64 array (on disk next to the Arrow
@@ -26,11 +26,8 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from kalm_st.data.counter_hash import splitmix64
+from kalm_st.data.columns import POSITIVE_GROUP
 from kalm_st.io import save_numpy_atomic
-
-POSITIVE_GROUP = "positive_group"
-"""The column naming a row's source row (int64): rows of one query with several positives share it."""
 
 _EPOCH_SALT = 1 << 20  # draw streams of the epochs, apart from the load-time streams (0: positive, 1..n: negatives)
 
@@ -41,7 +38,7 @@ GroupStarts = np.ndarray | str
 def group_starts(dataset: Any, batch_size: int = 1 << 22) -> np.ndarray:
     """The first row of each run of equal :data:`POSITIVE_GROUP` values (int64, ascending, starts with 0).
 
-    Groups are runs, not values: the rows of a group are consecutive (as written by ``convert_pairs``, kept by the
+    Groups are runs, not values: the rows of a group are consecutive (as written by the reader, :mod:`kalm_st.data.load`, kept by the
     curation steps). Read in Arrow batches of ``batch_size`` rows; memory is one int64 per group.
     """
     if POSITIVE_GROUP not in dataset.column_names:
@@ -114,16 +111,30 @@ def load_starts(starts: GroupStarts, n_rows: int, what: str = "task") -> np.ndar
     return array
 
 
+def mix(seed: int, rows: np.ndarray, salt: int) -> np.ndarray:
+    """splitmix64 of ``(seed, row, salt)``: a counter-based uint64 per row, independent of batching; the draws of
+    the reader (a row's positive, its resampled negatives) and of the sampler (each epoch's member of a group)."""
+    with np.errstate(over="ignore"):
+        x = rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= np.uint64((seed * 0x632BE59BD9B4E019 + salt * 0x85EBCA77C2B2AE63) & 0xFFFFFFFFFFFFFFFF)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
 def draw_members(starts: np.ndarray, n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """One row per group for ``epoch``: ``starts[g] + h(seed, epoch, g) mod size[g]`` (int64, one per group).
 
-    ``h`` is :func:`~kalm_st.data.counter_hash.splitmix64`, counter-based: independent of batching, ranks and the
+    ``h`` is splitmix64 (:func:`mix`), counter-based: independent of batching, ranks and the
     order groups are visited in.
     """
     starts = np.asarray(starts, dtype=np.int64)
     sizes = np.diff(np.append(starts, n_rows)).astype(np.uint64)
-    offsets = splitmix64(seed, np.arange(len(starts), dtype=np.int64), _EPOCH_SALT + int(epoch)) % np.maximum(sizes, 1)
+    offsets = mix(seed, np.arange(len(starts), dtype=np.int64), _EPOCH_SALT + int(epoch)) % np.maximum(sizes, 1)
     return starts + offsets.astype(np.int64)
 
 
-__all__ = ["POSITIVE_GROUP", "draw_members", "group_starts", "load_starts", "split_positive_groups"]
+__all__ = ["POSITIVE_GROUP", "draw_members", "group_starts", "load_starts", "mix", "split_positive_groups"]

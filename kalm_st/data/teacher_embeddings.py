@@ -192,7 +192,7 @@ def embed_training_data(
     from datasets import DatasetDict
 
     from kalm_st.data.candidates import arrow_column
-    from kalm_st.data.formats import negative_columns_of
+    from kalm_st.data.columns import negative_columns_of
 
     columns = {task: ["anchor", "positive", *negative_columns_of(dataset)] for task, dataset in data.items()}
     texts = pa.chunked_array(

@@ -17,8 +17,8 @@ import torch
 from datasets import Dataset
 
 from kalm_st.data.candidates import arrow_column, column_array
+from kalm_st.data.columns import negative_columns_of
 from kalm_st.data.embedding_store import encode_cached, text_keys
-from kalm_st.data.formats import negative_columns_of
 from kalm_st.data.positive_groups import POSITIVE_GROUP, group_starts
 from kalm_st.io import save_numpy_atomic
 

@@ -1,6 +1,6 @@
 """Writing normalised training data: one ``.jsonl`` / ``.csv`` / ``.parquet`` file per call, atomically.
 
-The inverse of :func:`kalm_st.data.formats.load_training_data`: a ``DatasetDict`` is written with a ``task`` column,
+The inverse of :func:`kalm_st.data.load_training_data`: a ``DatasetDict`` is written with a ``task`` column,
 which the reader splits again. Parquet goes from the Arrow tables as they are (a curation output of millions of rows
 streams to disk, no Python object per row); jsonl / csv go through pandas.
 """

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import logging
 import os
 import re
@@ -21,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from kalm_st.data.tasks import resolve_tasks
 from kalm_st.io import write_text_atomic
 from kalm_st.precision import use_bf16
 from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
-from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, LossName, StageConfig, TaskConfig
+from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, LossName, StageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -214,224 +214,32 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_tasks(
-    config: StageConfig, tasks: dict[str, TaskConfig], *, with_sources: bool = True, skip_remote: bool = False
-) -> dict[str, Any]:
-    """Task name -> :class:`kalm_st.data.sources.TaskSource`: ``tasks`` plus the expansion of ``data.sources``.
-
-    ``skip_remote`` (``--dry-run``): a Hub source is not listed (that needs the network); it is logged unchecked.
-    """
-    from kalm_st.data.sources import TaskSource, is_remote_path, list_subtasks, with_suffix_rule
-
-    assert config.data is not None
-    out: dict[str, Any] = {}
-    for name, task in tasks.items():
-        section = "tasks" if tasks is config.data.tasks else "eval_tasks"
-        out[name] = with_suffix_rule(
-            TaskSource(
-                name,
-                task.path,
-                f"data.{section}.{name}",
-                task.type,
-                task.revision,
-                None,
-                task.max_rows,
-                task.in_batch_negatives,
-            )
-        )
-    for i, entry in enumerate(config.data.sources if with_sources else ()):
-        key = f"data.sources[{i}]"
-        if skip_remote and is_remote_path(entry.path):
-            logger.info("Dry run: %s %s is remote, not checked offline.", key, entry.path)
-            continue
-        if entry.tasks == "one":
-            found = [(entry.name or entry.path.rstrip("/").rsplit("/", 1)[-1], entry.path, None)]
-        elif entry.tasks == "column":
-            from kalm_st.data.sources import list_column_tasks
-
-            try:
-                found = [(name, entry.path, None) for name in list_column_tasks(entry.path)]
-            except (FileNotFoundError, ValueError) as error:
-                raise type(error)(f"{config.source}: {key}.path: {error}") from error
-        else:
-            try:
-                found = list_subtasks(entry.path, entry.revision)
-            except FileNotFoundError as error:
-                raise FileNotFoundError(f"{config.source}: {key}.path: {error}") from error
-        if entry.include:
-            missing = sorted(set(entry.include) - {n for n, _, _ in found})
-            if missing:
-                raise ConfigError(
-                    f"{config.source}: {key}.include names {missing}, not tasks of "
-                    f"{entry.path} (have {[n for n, _, _ in found]})."
-                )
-            found = [f for f in found if f[0] in entry.include]
-        for unknown in sorted(set(entry.types) - {n for n, _, _ in found}):
-            raise ConfigError(f"{config.source}: {key}.types.{unknown}: no such task in {entry.path}.")
-        for task_name, path, config_name in found:
-            if task_name in out:
-                raise ConfigError(f"{config.source}: {key}: task {task_name!r} is defined twice (rename one).")
-            out[task_name] = with_suffix_rule(
-                TaskSource(
-                    task_name,
-                    path,
-                    f"{key}[{task_name}]",
-                    entry.types.get(task_name, entry.type),
-                    entry.revision,
-                    config_name,
-                    entry.max_rows_per_task,
-                    None,
-                    entry.instructions.get(task_name),
-                )
-            )
-    return out
-
-
 def load_sources(config: StageConfig, tasks: dict[str, Any], *, skip_remote: bool = False) -> tuple[Any, dict]:
-    """``(DatasetDict, {name: TaskSource with the type the data asked for})``: a ``DatasetDict`` keyed by task with
-    columns ``anchor, positive, negative_1..n[, label]``. ``tasks``: :class:`TaskConfig` or
-    :class:`~kalm_st.data.sources.TaskSource` by name. kalm-st's own columns are validated by
-    :func:`kalm_st.data.load_training_data`, KaLM / FlagEmbedding / F2LLM rows converted by
-    :func:`kalm_st.data.sources.convert_pairs` (file, row and column in every error)."""
-    import dataclasses
-
-    from datasets import DatasetDict, concatenate_datasets
-
-    from kalm_st.data.formats import DataValidationError, load_training_data, negative_columns_of
-    from kalm_st.data.sources import (
-        TaskSource,
-        check_sibling_columns,
-        convert_pairs,
-        detect_format,
-        most_positives,
-        open_source,
-        source_task_type,
-        task_negatives,
-        with_suffix_rule,
-    )
+    """``(DatasetDict, {name: TaskSource with the type the data asked for})`` of a stage's tasks: the one reader
+    (:func:`kalm_st.data.load_tasks`) with the stage's policy, then the global batch each task must fill."""
+    from kalm_st.data.load import LoadOptions, load_tasks
+    from kalm_st.data.tasks import TaskSource, task_source
 
     assert config.data is not None
-    per_device = int(config.args.get("per_device_train_batch_size", 8))
-    sources: dict[str, TaskSource] = {}
-    for name, task in tasks.items():
-        if isinstance(task, TaskConfig):
-            task = with_suffix_rule(
-                TaskSource(
-                    name,
-                    task.path,
-                    f"data.tasks.{name}",
-                    task.type,
-                    task.revision,
-                    None,
-                    task.max_rows,
-                    task.in_batch_negatives,
-                )
-            )
-        sources[name] = task
-    opened: dict[str, list[tuple[str, Any]]] = {}
-    for name, task in sources.items():
-        if skip_remote and task.remote:
-            logger.info("Dry run: %s (%s) is remote, not checked offline.", task.key, task.path)
-            continue
-        try:
-            opened[name] = open_source(task)
-        except (FileNotFoundError, IsADirectoryError) as error:
-            raise type(error)(f"{config.source}: {task.key}.path: {error}") from error
-    by_key: dict[str, dict[str, list]] = {}
-    for name, parts in opened.items():
-        by_key.setdefault(sources[name].key.split("[")[0], {})[name] = parts
-    for group in by_key.values():
-        if len(group) > 1:
-            check_sibling_columns(group)
-    result = DatasetDict()
-    resolved: dict[str, TaskSource] = {}
-    loaded_files: dict[tuple[str, ...], Any] = {}
-    require = config.stage in ("finetune", "distill")
-    for name, parts in opened.items():
-        task = sources[name]
-        fmt = detect_format(parts[0][1].column_names)
-        if fmt == "st":
-            labels = tuple(label for label, _ in parts)
-            if "task" not in parts[0][1].column_names:  # one task named after the config key, not shared
-                labels = (*labels, f"#{name}")
-            if labels not in loaded_files:  # a file of several tasks is read and validated once, for all of them
-                loaded_files[labels] = load_training_data(
-                    [label for label, _ in parts],
-                    default_task=name,
-                    require_negatives=require,
-                    num_negatives=config.data.num_negatives,
-                    task_types={
-                        other: sources[other].type or "Retrieval"
-                        for other, other_parts in opened.items()
-                        if other == name or tuple(label for label, _ in other_parts) == labels
-                    },
-                )
-            loaded = loaded_files[labels]
-            if name not in loaded:  # a file of several tasks (a curation output) gives the task of the same name
-                raise ConfigError(
-                    f"{config.source}: {task.key}.path {task.path!r} holds tasks {list(loaded)}, not {name!r} "
-                    "(rename the task after the file's 'task' values, or drop that column)."
-                )
-            dataset = loaded[name]
-            if task.max_rows is not None:
-                dataset = dataset.select(range(min(task.max_rows, len(dataset))))
-        else:
-            from kalm_st.data.sources import cap_parts
-
-            parts = cap_parts(parts, task.max_rows)
-            data_type = None
-            for label, part in parts:
-                data_type = data_type or source_task_type(part, label)
-            # the rows' FlagEmbedding type (symmetric_sts, ...) over the default type, not over another explicit one
-            if data_type is not None and task.type in (None, "Retrieval") and data_type != task.type:
-                logger.info("%s: task type %s, from the rows' 'type' column", task.key, data_type)
-                task = dataclasses.replace(task, type=data_type)
-            task_type = task.type or "Retrieval"
-            n_neg = task_negatives(parts, fmt, config.data.num_negatives)
-            if require and n_neg == 0:
-                raise DataValidationError(
-                    [
-                        f"{parts[0][0]}: row 0: column 'neg': no negatives, but negatives are required (stage "
-                        f"{config.stage!r}); empty 'neg' lists train in-batch only, in a pretrain stage"
-                    ]
-                )
-            offsets = [0, *itertools.accumulate(len(part) for _, part in parts)]  # group ids unique over shards
-            several = any(most_positives(part) > 1 for _, part in parts)
-            converted = [
-                convert_pairs(
-                    part,
-                    label=label,
-                    task_name=name,
-                    task_type=task_type,
-                    num_negatives=n_neg,
-                    seed=config.seed,
-                    ragged_negatives=config.data.ragged_negatives,
-                    instructed_queries=config.data.instructed_queries,
-                    instruction=task.instruction,
-                    positives=config.data.positives,
-                    group_offset=offset,
-                    several_positives=several,
-                )
-                for (label, part), offset in zip(parts, offsets, strict=False)
-            ]
-            dataset = concatenate_datasets(converted) if len(converted) > 1 else converted[0]
-            task = dataclasses.replace(task, converted=True)
-        resolved[name] = task
-        wanted, present = config.data.num_negatives, len(negative_columns_of(dataset))
-        if wanted and present < wanted:
-            raise ConfigError(
-                f"{config.source}: data.num_negatives is {wanted}, but {task.key} ({task.path}) has {present} "
-                "negatives per row; lower data.num_negatives or mine more negatives."
-            )
-        if config.data.num_negatives == 0:
-            dataset = dataset.remove_columns([c for c in dataset.column_names if c.startswith("negative_")])
-        global_batch = per_device * _world_size()
+    specs = {n: t if isinstance(t, TaskSource) else task_source(n, t, f"data.tasks.{n}") for n, t in tasks.items()}
+    options = LoadOptions(
+        num_negatives=config.data.num_negatives,
+        require_negatives=config.stage in ("finetune", "distill") and config.data.num_negatives != 0,
+        ragged_negatives=config.data.ragged_negatives,
+        instructed_queries=config.data.instructed_queries,
+        positives=config.data.positives,
+        seed=config.seed,
+        source=config.source,
+        skip_remote=skip_remote,
+    )
+    result, resolved = load_tasks(specs, options)
+    global_batch = int(config.args.get("per_device_train_batch_size", 8)) * _world_size()
+    for name, dataset in result.items():
         if len(dataset) < global_batch:
             raise ConfigError(
-                f"{config.source}: {task.key} ({task.path}) has {len(dataset)} rows, fewer than one global "
-                f"batch of {global_batch} (per_device_train_batch_size x {_world_size()} processes)."
+                f"{config.source}: {specs[name].key} ({specs[name].path}) has {len(dataset)} rows, fewer than one "
+                f"global batch of {global_batch} (per_device_train_batch_size x {_world_size()} processes)."
             )
-        result[name] = dataset
     return result, resolved
 
 
@@ -441,7 +249,7 @@ def build_prompts(tasks: dict[str, Any], datasets: Any) -> dict[str, dict[str, s
     :func:`kalm_st.data.build_training_prompts` with each task's configured ``type``: the same prompts the curation
     commands encode with (``--task-type``), see ``docs/instructions.md``.
     """
-    from kalm_st.data.formats import build_training_prompts
+    from kalm_st.data import build_training_prompts
 
     return build_training_prompts(datasets, {name: task.type or "Retrieval" for name, task in tasks.items()})
 

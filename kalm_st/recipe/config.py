@@ -182,7 +182,7 @@ class TaskConfig:
     Args:
         path: A jsonl, csv or parquet file, a glob of shards (``corpus/train-*.parquet``), a folder of shards, a
             folder laid out as a Hub dataset repository, or a Hub dataset ``hf://datasets/ORG/NAME[/SUBFOLDER]``
-            (:mod:`kalm_st.data.sources`), in kalm-st's, KaLM / FlagEmbedding's or F2LLM's columns.
+            (:mod:`kalm_st.data.load`), in kalm-st's, KaLM / FlagEmbedding's or F2LLM's columns.
         type: The MTEB task type. ``Classification``, ``MultilabelClassification`` and ``Clustering`` data (example-
             based labels) train without in-batch negatives (METHOD.md §3) and put the instruction on every column.
         max_rows: Keep at most this many rows (the first ones), for smoke runs.

@@ -8,6 +8,7 @@ its last checkpoint, teacher scores and mined embeddings from their caches under
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -43,12 +44,21 @@ class StepContext:
     """The recipe's seed (sources draw their positives and ragged negatives with it, as training does)."""
     is_main: bool = True
     """Global rank 0 (always, without a launcher): the process that writes outputs shared by all ranks."""
+    cache_dir: Path | None = None
+    """The command line's ``--cache-dir`` (a one-step recipe): the embedding store or teacher cache, instead of the
+    recipe's."""
+    device: str | None = None
+    """The command line's ``--device`` for the step's models (None: sentence-transformers' choice)."""
 
     @property
     def embeddings_dir(self) -> Path:
         """The recipe's embedding store (:mod:`kalm_st.data.embedding_store`), shared by its curation steps: a
         ``mine`` after a ``filter`` of the same corpus with the same model reads the filter's embeddings."""
-        return self.builtin_dir.parent / "embeddings"
+        return self.cache_dir or self.builtin_dir.parent / "embeddings"
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.cache_dir or self.step_dir / "cache"
 
 
 def default_output(step: Step, step_dir: Path) -> Path | None:
@@ -73,7 +83,9 @@ def load_encoder(value: str, ctx: StepContext, max_seq_length: int | None = None
     from kalm_st.model_source import resolve_model
 
     what = f"step {ctx.step.name!r}: model"
-    return resolve_model(value, what=what, builtin_dir=ctx.builtin_dir, max_seq_length=max_seq_length)
+    return resolve_model(
+        value, what=what, builtin_dir=ctx.builtin_dir, max_seq_length=max_seq_length, device=ctx.device
+    )
 
 
 @dataclass(frozen=True)
@@ -88,52 +100,39 @@ class CurationInputs:
 
 
 def _load_data(settings: Any, ctx: StepContext) -> CurationInputs:
-    """Every task of the step's ``data`` files and ``sources`` (read as a stage reads ``data.sources``)."""
+    """Every task of the step's ``data`` files and ``sources``, through the one reader a stage uses."""
     from datasets import DatasetDict
 
+    from kalm_st.data.load import LoadOptions, load_files, load_tasks
+    from kalm_st.data.tasks import expand_sources
     from kalm_st.io import check_output_path
 
     if ctx.is_main and ctx.output is not None:
         check_output_path(ctx.output)  # before any encoding
 
-    from kalm_st.data import load_training_data
-
     task_types = dict(settings.task_types)
-    data = DatasetDict()
-    if settings.data:
-        data = load_training_data(list(settings.data), task_types=task_types, row_instructions=settings.instructions)
-    types = {task: task_types[task] for task in data if task in task_types}
-    converted: set[str] = set()
+    options = LoadOptions(row_instructions=settings.instructions, seed=ctx.seed)
+    data, resolved = load_files(list(settings.data), options, task_types) if settings.data else ({}, {})
     if settings.sources:
-        from kalm_st.recipe.build import load_sources, resolve_tasks
-        from kalm_st.recipe.config import DataConfig
-
-        config = StageConfig(
-            stage="pretrain",
-            output_dir=str(ctx.step_dir),
-            seed=ctx.seed,
-            data=DataConfig(sources=tuple(settings.sources)),
-            args={"per_device_train_batch_size": 1},  # curation reads any task size (no batch to fill)
-            source=f"step {ctx.step.name!r}: sources",
-        )
-        loaded, resolved = load_sources(config, resolve_tasks(config, {}))
-        for task, dataset in loaded.items():
+        where = f"step {ctx.step.name!r}"
+        specs = expand_sources(settings.sources, where, "sources")
+        more, more_resolved = load_tasks(specs, dataclasses.replace(options, source=where))
+        for task in more:
             if task in data:
                 raise ConfigError(f"step {ctx.step.name!r}: task {task!r} comes from both data and sources.")
-            data[task] = dataset
-            types[task] = task_types.get(task) or resolved[task].type  # None: Retrieval, or as its name says
-            if resolved[task].converted:
-                converted.add(task)
+        data, resolved = {**data, **more}, {**resolved, **more_resolved}
     unknown = sorted(set(task_types) - set(data))
     if unknown:
         raise ConfigError(f"task_types names task(s) {unknown} that the data does not have (tasks: {list(data)}).")
-    return CurationInputs(data, types, frozenset(converted))
+    types = {task: task_types.get(task) or resolved[task].type for task in data}  # None: Retrieval, or as named
+    converted = frozenset(task for task, spec in resolved.items() if spec.converted)
+    return CurationInputs(DatasetDict(data), types, converted)
 
 
 def _corpus(path: str | None) -> list[str] | None:
     if path is None:
         return None
-    from kalm_st.data.formats import read_table
+    from kalm_st.data import read_table
 
     table = read_table(path)
     if "text" not in table.column_names:
@@ -155,7 +154,7 @@ def _passes_through(task: str, inputs: CurationInputs, ctx: StepContext) -> bool
     """Classification-like tasks (Classification, Clustering, a FlagEmbedding ``no_in_batch_neg`` folder) are not
     retrieval: their negatives are other classes (example-based labelling), so mining and ranking filters leave them
     as they are (METHOD.md §5)."""
-    from kalm_st.data.sources import NO_IN_BATCH_SUFFIX
+    from kalm_st.data.tasks import NO_IN_BATCH_SUFFIX
     from kalm_st.recipe.build import CLASSIFICATION_TYPES
 
     # Without an explicit type (a curation output read back from a file), MTEB's naming says it:
@@ -321,8 +320,7 @@ def run_label(ctx: StepContext) -> dict[str, Any]:
     from datasets import DatasetDict, concatenate_datasets
 
     from kalm_st.data import label_examples
-    from kalm_st.data.formats import read_table
-    from kalm_st.data.sources import local_shards
+    from kalm_st.data.shards import local_shards, read_table
 
     s = ctx.settings
     # every shard of every path (a file, a glob, a folder), labelled as one table: positives and negatives may
@@ -346,7 +344,7 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
     if s.cross_encoder:
         from kalm_st.model import resolve_dtype
 
-        teacher = CrossEncoder(s.teacher, model_kwargs={"dtype": resolve_dtype(s.dtype)})
+        teacher = CrossEncoder(s.teacher, model_kwargs={"dtype": resolve_dtype(s.dtype)}, device=ctx.device)
     else:
         teacher = load_teacher(s, ctx)
     out = DatasetDict()
@@ -359,7 +357,7 @@ def run_teacher_score(ctx: StepContext) -> dict[str, Any]:
             query_prompt=prompts[0],
             document_prompt=prompts[1],
             batch_size=s.batch_size,
-            cache_dir=ctx.step_dir / "cache",
+            cache_dir=ctx.teacher_cache,
             teacher_id=s.teacher_id,
             chunk_size=s.chunk_size,
         )
@@ -377,7 +375,7 @@ def run_teacher_embed(ctx: StepContext) -> dict[str, Any]:
 
     s = ctx.settings
     out = embed_training_data(
-        _load_data(s, ctx).data, load_teacher(s, ctx), ctx.step_dir / "cache",
+        _load_data(s, ctx).data, load_teacher(s, ctx), ctx.teacher_cache,
         teacher_name=s.teacher_id or s.teacher, chunk_size=s.chunk_size, batch_size=s.batch_size,
     )  # fmt: skip
     return {"rows": _write(out, ctx.output), "teacher": s.teacher}
@@ -390,7 +388,12 @@ def load_teacher(settings: Any, ctx: StepContext) -> Any:
 
     what = f"step {ctx.step.name!r}: teacher"
     return resolve_model(
-        settings.teacher, what=what, hub="embedder", builtin_dir=ctx.builtin_dir, dtype=settings.dtype
+        settings.teacher,
+        what=what,
+        hub="embedder",
+        builtin_dir=ctx.builtin_dir,
+        dtype=settings.dtype,
+        device=ctx.device,
     )
 
 

@@ -159,27 +159,34 @@ def test_empty_positive_names_row_and_column(tmp_path: Path) -> None:
     rows = [{"anchor": "a", "positive": "p"}, {"anchor": "b", "positive": "  "}, {"anchor": "c", "positive": None}]
     problems = _errors(tmp_path, rows)
     assert len(problems) == 2
-    assert "row 1: column 'positive'" in problems[0] and "row 2: column 'positive'" in problems[1]
+    assert "line 2: column 'positive'" in problems[0] and "line 3: column 'positive'" in problems[1]
 
 
 def test_negatives_required(tmp_path: Path) -> None:
     problems = _errors(tmp_path, [{"anchor": "a", "positive": "p"}], require_negatives=True)
     assert "negatives are required" in problems[0]
+    # one policy for every layout: a row without negatives in a task with negatives is dropped (logged)
     rows = [{"anchor": "a", "positive": "p", "negatives": ["n"]}, {"anchor": "b", "positive": "q", "negatives": []}]
-    problems = _errors(tmp_path, rows, require_negatives=True)
-    assert len(problems) == 1 and "row 1: column 'negatives': no negatives" in problems[0]
+    data = load_training_data(_write_jsonl(tmp_path / "some.jsonl", rows), require_negatives=True)
+    assert data["some"].to_list() == [{"anchor": "a", "positive": "p", "negative_1": "n"}]
 
 
 def test_ragged_negatives(tmp_path: Path) -> None:
+    """Ragged rows are read as in the KaLM layout: a row with fewer negatives than the task's longest gets seeded
+    draws from its own (``ragged_negatives: resample``) or is dropped (``drop``)."""
     rows = [
         {"anchor": "a", "positive": "p", "negatives": ["n1", "n2"]},
-        {"anchor": "b", "positive": "q", "negatives": ["n1"]},
+        {"anchor": "b", "positive": "q", "negatives": ["m1"]},
     ]
-    problems = _errors(tmp_path, rows)
-    assert len(problems) == 1 and "row 1" in problems[0] and "ragged negatives" in problems[0]
-    # truncating to the common count is explicit
-    data = load_training_data(tmp_path / "bad.jsonl", num_negatives=1)
-    assert data["bad"].column_names == ["anchor", "positive", "negative_1"]
+    path = _write_jsonl(tmp_path / "ragged.jsonl", rows)
+    data = load_training_data(path)["ragged"]
+    assert data.to_list() == [
+        {"anchor": "a", "positive": "p", "negative_1": "n1", "negative_2": "n2"},
+        {"anchor": "b", "positive": "q", "negative_1": "m1", "negative_2": "m1"},  # its only one, drawn again
+    ]
+    assert load_training_data(path, ragged_negatives="drop")["ragged"]["anchor"] == ["a"]
+    data = load_training_data(path, num_negatives=1)["ragged"]  # the first n of each row
+    assert data.column_names == ["anchor", "positive", "negative_1"] and data["negative_1"] == ["n1", "m1"]
 
 
 def test_bad_teacher_scores(tmp_path: Path) -> None:
@@ -194,8 +201,8 @@ def test_bad_teacher_scores(tmp_path: Path) -> None:
         load_training_data(path)
     problems = info.value.problems
     assert len(problems) == 2
-    assert "row 1: column 'label'" in problems[0] and "NaN" in problems[0]
-    assert "row 2: column 'label'" in problems[1] and "2 numbers" in problems[1]
+    assert "line 2: column 'label'" in problems[0] and "NaN" in problems[0]
+    assert "line 3: column 'label'" in problems[1] and "2 numbers" in problems[1]
 
 
 def test_task_smaller_than_batch(tmp_path: Path) -> None:
@@ -213,7 +220,7 @@ def test_missing_file_and_format(tmp_path: Path) -> None:
 
 def test_validate_in_memory() -> None:
     ds = Dataset.from_dict({"anchor": ["a", "b"], "positive": ["p", ""]})
-    with pytest.raises(DataValidationError, match=r"mined\[T\]: row 1: column 'positive'"):
+    with pytest.raises(DataValidationError, match=r"mined\[T\]: row 2: column 'positive'"):
         validate_training_data(DatasetDict({"T": ds}), source="mined")
 
 

@@ -18,7 +18,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 from torch.utils.data import BatchSampler, ConcatDataset, SequentialSampler
 
-from kalm_st.data.formats import DataValidationError, load_training_data, write_training_data
+from kalm_st.data import DataValidationError, load_training_data, write_training_data
 from kalm_st.data.positive_groups import POSITIVE_GROUP, draw_members, group_starts, load_starts, split_positive_groups
 from kalm_st.recipe.build import build_stage, load_sources, resolve_tasks
 from kalm_st.recipe.config import StageConfig
@@ -186,7 +186,7 @@ def test_a_non_integer_group_is_named(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"anchor": "a", "positive": "b", "positive_group": 0}\n'
                     '{"anchor": "c", "positive": "d", "positive_group": 1.5}\n')  # fmt: skip
-    with pytest.raises(DataValidationError, match=r"bad\.jsonl: row 1: column 'positive_group': must be an integer"):
+    with pytest.raises(DataValidationError, match=r"bad\.jsonl: line 2: column 'positive_group': must be an integer"):
         load_training_data(path)
 
 

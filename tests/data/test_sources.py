@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kalm_st.data.formats import DataValidationError
+from kalm_st.data import DataValidationError
 from kalm_st.instructions import KALM_INSTRUCTION_TEMPLATE
 from kalm_st.recipe.build import build_stage, load_sources, resolve_tasks, run_stage
 from kalm_st.recipe.config import StageConfig
@@ -232,10 +232,10 @@ def test_bad_rows_name_file_row_and_column(tmp_path: Path, row: dict, column: st
     if column in ("pos", "query") and not isinstance(row.get(column), list):
         # a parquet column has one type: the bad value is the whole column's
         rows = [{**r, **row} for r in rows]
-        bad_row = 0
+        bad_row = 1  # rows count from 1
     else:
         rows[5] = {**rows[5], **row}
-        bad_row = 5
+        bad_row = 6
     _write_parquet(path, rows)
     message = _error(tmp_path, {"tasks": {"t": {"path": str(path.parent)}}})
     assert f"{path}: row {bad_row}: column {column!r}" in message and what in message, message
@@ -258,7 +258,7 @@ def test_subfolder_with_other_columns_is_named(tmp_path: Path) -> None:
         _write_parquet(root / name / "train.parquet", _kalm_rows(8))
     odd = _write_parquet(root / "c" / "train.parquet", [{"query": r["query"], "pos": r["pos"]} for r in _kalm_rows(8)])
     message = _error(tmp_path, {"sources": [{"path": str(root), "tasks": "subfolders"}]})
-    assert f"{odd}: row 0: column 'neg'" in message and "differ from its siblings" in message
+    assert f"{odd}: column 'neg'" in message and "differ from its siblings" in message
 
 
 def test_a_restart_reads_the_converted_cache_without_converting_again(tmp_path: Path) -> None:
@@ -325,7 +325,7 @@ def test_jsonl_row_whose_pos_is_not_a_list_is_named(tmp_path: Path) -> None:
     path = tmp_path / "flag.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     message = _error(tmp_path, {"tasks": {"t": {"path": str(path)}}})
-    assert f"{path}: row 3: column 'pos': must be a list" in message, message
+    assert f"{path}: line 4: column 'pos': must be a list" in message, message  # rows[3] is on line 4
 
 
 def test_recipe_planning_lists_hub_sources_as_remote_and_checks_globs(tmp_path: Path, monkeypatch) -> None:

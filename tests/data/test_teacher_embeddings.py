@@ -161,9 +161,9 @@ def test_bad_teacher_embeddings_in_a_file_are_named(tmp_path) -> None:
         load_training_data(path)
     problems = info.value.problems
     assert len(problems) == 3, problems
-    assert "row 1: column 'label'" in problems[0] and "3" in problems[0]
-    assert "row 2: column 'label'" in problems[1]
-    assert "row 3: column 'label'" in problems[2] and "NaN" in problems[2]
+    assert "line 2: column 'label'" in problems[0] and "3" in problems[0]
+    assert "line 3: column 'label'" in problems[1]
+    assert "line 4: column 'label'" in problems[2] and "NaN" in problems[2]
 
 
 def test_the_teacher_embed_recipe_step_embeds_every_task_in_one_cache(minilm_dir, tmp_path) -> None:

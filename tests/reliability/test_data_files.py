@@ -112,23 +112,23 @@ def test_extra_columns_are_ignored_with_a_warning(tmp_path: Path, caplog) -> Non
 
 def test_rows_missing_a_key(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "d.jsonl", [{"anchor": "a", "positive": "p"}, {"anchor": "b"}])
-    assert _problems(path) == [f"{path}: row 1: column 'positive': empty or not a string (None)"]
+    assert _problems(path) == [f"{path}: line 2: column 'positive': empty or not a string (None)"]
 
 
 @pytest.mark.parametrize(
     ("row", "problem"),
     [
-        ({"anchor": "a", "positive": 3}, "row 0: column 'positive': empty or not a string (3)"),
-        ({"anchor": True, "positive": "p"}, "row 0: column 'anchor': empty or not a string (True)"),
-        ({"anchor": "a", "positive": ["p"]}, "row 0: column 'positive': empty or not a string (['p'])"),
+        ({"anchor": "a", "positive": 3}, "line 1: column 'positive': empty or not a string (3)"),
+        ({"anchor": True, "positive": "p"}, "line 1: column 'anchor': empty or not a string (True)"),
+        ({"anchor": "a", "positive": ["p"]}, "line 1: column 'positive': empty or not a string (['p'])"),
         (
             {"anchor": "a", "positive": "p", "negatives": ["n", 4]},
-            "row 0: column 'negatives': negative 2 is empty or not a string",
+            "line 1: column 'negatives': negative 2 is empty or not a string",
         ),
-        ({"anchor": "a", "positive": "\t "}, "row 0: column 'positive': empty or not a string ('\\t ')"),
+        ({"anchor": "a", "positive": "\t "}, "line 1: column 'positive': empty or not a string ('\\t ')"),
         (
             {"anchor": "a", "positive": "p", "negatives": ["n", ""]},
-            "row 0: column 'negatives': negative 2 is empty or not a string",
+            "line 1: column 'negatives': negative 2 is empty or not a string",
         ),
     ],
     ids=["int-positive", "bool-anchor", "list-positive", "int-negative", "blank-positive", "empty-negative"],
@@ -142,8 +142,8 @@ def test_csv_numbers_are_not_texts(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("anchor,positive\na,1\nb,2\n")
     assert _problems(path) == [
-        f"{path}: row 0: column 'positive': empty or not a string (1)",
-        f"{path}: row 1: column 'positive': empty or not a string (2)",
+        f"{path}: line 2: column 'positive': empty or not a string (1)",  # line 1 is the header
+        f"{path}: line 3: column 'positive': empty or not a string (2)",
     ]
 
 
@@ -161,14 +161,14 @@ def test_csv_numbers_are_not_texts(tmp_path: Path) -> None:
 def test_bad_teacher_scores(tmp_path: Path, label: str, problem: str) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(f'{{"anchor": "a", "positive": "p", "negatives": ["n"], "label": {label}}}\n')
-    assert _problems(path) == [f"{path}: row 0: {problem}"]
+    assert _problems(path) == [f"{path}: line 1: {problem}"]
 
 
 def test_infinite_teacher_score_in_parquet(tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
     frame = pd.DataFrame({"anchor": ["a"], "positive": ["p"], "negatives": [["n"]], "label": [[1.0, float("inf")]]})
     frame.to_parquet(path)
-    assert _problems(path) == [f"{path}: row 0: column 'label': NaN, infinite or non-numeric score in [1.0, inf]"]
+    assert _problems(path) == [f"{path}: row 1: column 'label': NaN, infinite or non-numeric score in [1.0, inf]"]
 
 
 def test_ragged_teacher_scores_across_rows(tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_ragged_teacher_scores_across_rows(tmp_path: Path) -> None:
     ]
     path = _jsonl(tmp_path / "d.jsonl", rows)
     assert _problems(path) == [
-        f"{path}: row 1: column 'label': teacher scores must be a list of 3 numbers (positive + 2 negatives), "
+        f"{path}: line 2: column 'label': teacher scores must be a list of 3 numbers (positive + 2 negatives), "
         "got [1.0, 0.5]"
     ]
 

@@ -4,7 +4,7 @@ The files are committed; this script documents and reproduces them (deterministi
 
     python training/prepare/quickstart_data.py          # rewrites data/quickstart/ (byte-identical)
 
-Every file is in a format kalm-st reads (``kalm_st.data.formats``; mteb's local task layout for ``eval/``):
+Every file is in a format kalm-st reads (``kalm_st.data.load``; mteb's local task layout for ``eval/``):
 
 | file | rows | what |
 |---|---|---|
