@@ -83,7 +83,7 @@ def _worker_vllm_offline(model: str, texts_file: str, out_file: str) -> None:
     Path(out_file + ".json").write_text(json.dumps({"startup_s": startup_s, "embed_s": embed_s}), encoding="utf8")
 
 
-def _worker_llama_python(gguf: str, texts_file: str, out_file: str) -> None:
+def _worker_llama_python(gguf: str, texts_file: str, out_file: str, attention: str = "non-causal") -> None:
     import llama_cpp
     import numpy as np
 
@@ -93,6 +93,10 @@ def _worker_llama_python(gguf: str, texts_file: str, out_file: str) -> None:
         model_path=gguf,
         embedding=True,
         pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+        # "gguf": whatever the GGUF's <arch>.attention.causal says (the causal control runs that way).
+        attention_type=llama_cpp.LLAMA_ATTENTION_TYPE_NON_CAUSAL
+        if attention == "non-causal"
+        else llama_cpp.LLAMA_ATTENTION_TYPE_UNSPECIFIED,
         n_ctx=MAX_TOKENS,
         n_batch=MAX_TOKENS,
         n_ubatch=MAX_TOKENS,
@@ -107,7 +111,11 @@ def _worker_llama_python(gguf: str, texts_file: str, out_file: str) -> None:
     Path(out_file + ".json").write_text(json.dumps({"startup_s": startup_s, "embed_s": embed_s}), encoding="utf8")
 
 
-WORKERS = {"vllm-offline": _worker_vllm_offline, "llama-python": _worker_llama_python}
+WORKERS = {
+    "vllm-offline": _worker_vllm_offline,
+    "llama-python": _worker_llama_python,
+    "llama-python-gguf-attention": lambda *args: _worker_llama_python(*args, attention="gguf"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------ installs
@@ -465,7 +473,14 @@ def convert_to_gguf(source: Path, folder: Path, out: Path, log: Path) -> Path:
 
 
 def run_llama(
-    llama: tuple[Path, Path, Path], name: str, folder: Path, texts: list[str], ref: tuple, work: Path, rows: list[dict]
+    llama: tuple[Path, Path, Path],
+    name: str,
+    folder: Path,
+    texts: list[str],
+    ref: tuple,
+    work: Path,
+    rows: list[dict],
+    control: bool = True,
 ) -> None:
     python, source, server_binary = llama
     documents, queries, prompt = ref
@@ -474,7 +489,8 @@ def run_llama(
     log = work / "llama-run.log"
     for target, label in ((folder, ""), (folder.with_name(folder.name + "-causal"), " (causal control)")):
         gguf = convert_to_gguf(source, target, work / f"{target.name}.f32.gguf", log)
-        got, timing = _worker(python, "llama-python", gguf, inputs, work / "out" / f"{target.name}-llama-python", log)
+        kind = "llama-python-gguf-attention" if label else "llama-python"
+        got, timing = _worker(python, kind, gguf, inputs, work / "out" / f"{target.name}-llama-python", log)
         entry = f"Llama.embed{label}"
         _record(rows, name, "llama.cpp", entry, "documents", got[:n], documents, **timing)
         _record(rows, name, "llama.cpp", entry, "queries", got[n:], queries, **timing)
@@ -518,6 +534,12 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=["smollm2-135m", "qwen2-small"], choices=["smollm2-135m", "qwen2-small"]
     )
+    parser.add_argument(
+        "--vllm-causal-control",
+        choices=["first", "all", "none"],
+        default="first",
+        help="models whose causal copy vLLM also embeds (each vLLM start takes minutes on a small CPU)",
+    )
     args = parser.parse_args()
     if args.worker:
         kind, target, texts_file, out = args.worker
@@ -543,7 +565,7 @@ def main() -> None:
     texts = _texts()
     saves = build_saves(work, args.models)
     rows: list[dict] = []
-    for name, folder in saves.items():
+    for index, (name, folder) in enumerate(saves.items()):
         from transformers import AutoTokenizer
 
         ref = reference_embeddings(folder, texts)
@@ -558,14 +580,31 @@ def main() -> None:
         for runtime, run in (("vllm", run_vllm), ("llama.cpp", run_llama)):
             if runtime in installed:
                 try:
-                    run(installed[runtime], name, folder, texts, ref, work, rows)
+                    # vLLM takes minutes per start on a small CPU: its causal control runs on the first model only.
+                    run(
+                        installed[runtime],
+                        name,
+                        folder,
+                        texts,
+                        ref,
+                        work,
+                        rows,
+                        control=index == 0 or runtime != "vllm",
+                    )
                 except Exception as error:  # noqa: BLE001 - reported in the table, other entry points still run
                     failures[f"{runtime} / {name}"] = str(error)
                     print(f"  {runtime}: FAILED: {error}", flush=True)
 
-    (work / "serving_parity.json").write_text(
-        json.dumps({"rows": rows, "failures": failures}, indent=2), encoding="utf8"
-    )
+    # Results accumulate in WORK/serving_parity.json across runs (a run replaces the rows of the model x runtime
+    # pairs it ran), so the table can be built one runtime or model at a time.
+    results_path = work / "serving_parity.json"
+    ran = {(row["model"], row["runtime"]) for row in rows}
+    if results_path.is_file():
+        previous = json.loads(results_path.read_text(encoding="utf8"))
+        rows = [row for row in previous["rows"] if (row["model"], row["runtime"]) not in ran] + rows
+        kept = {k: v for k, v in previous["failures"].items() if k.split(" / ")[0] not in args.runtimes}
+        failures = {**kept, **failures}
+    results_path.write_text(json.dumps({"rows": rows, "failures": failures}, indent=2), encoding="utf8")
     print("\n| model | runtime | entry point | inputs | min cosine | mean cosine | start-up s | embed s |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
