@@ -400,13 +400,21 @@ def _record(
 
 
 def run_vllm(
-    python: Path, name: str, folder: Path, texts: list[str], ref: tuple, work: Path, rows: list[dict]
+    python: Path,
+    name: str,
+    folder: Path,
+    texts: list[str],
+    ref: tuple,
+    work: Path,
+    rows: list[dict],
+    control: bool = True,
 ) -> None:
     documents, queries, prompt = ref
     out = work / "out"
     inputs = texts + [prompt + text for text in texts]
     n = len(texts)
-    for target, label in ((folder, ""), (folder.with_name(folder.name + "-causal"), " (causal control)")):
+    targets = [(folder, "")] + ([(folder.with_name(folder.name + "-causal"), " (causal control)")] if control else [])
+    for target, label in targets:
         got, timing = _worker(
             python,
             "vllm-offline",
@@ -503,7 +511,8 @@ def run_llama(
     inputs = texts + [prompt + text for text in texts]
     n = len(texts)
     log = work / "llama-run.log"
-    for target, label in ((folder, ""), (folder.with_name(folder.name + "-causal"), " (causal control)")):
+    targets = [(folder, "")] + ([(folder.with_name(folder.name + "-causal"), " (causal control)")] if control else [])
+    for target, label in targets:
         gguf = convert_to_gguf(source, target, work / f"{target.name}.f32.gguf", log)
         kind = "llama-python-gguf-attention" if label else "llama-python"
         got, timing = _worker(python, kind, gguf, inputs, work / "out" / f"{target.name}-llama-python", log)
