@@ -16,7 +16,7 @@ relative to the float32 graph (same thread count, alternating rounds, median):
 
 Models: SmolLM2-135M-Instruct made bidirectional (untrained as an embedder) and the same model after ``--train-steps``
 steps of in-batch-negatives contrastive training (sentence-transformers' ``MultipleNegativesRankingLoss``, scale 20) on
-TrecQA question/answer pairs, batch ``--train-batch``, AdamW lr 2e-5: a small stand-in for a kalm-st-trained decoder.
+TrecQA question/answer pairs, batch ``--train-batch``, AdamW lr ``--train-lr``: a small stand-in for a kalm-st-trained decoder.
 
     python benchmarks/onnx_int8.py                       # both models, 64 sentences, 3 rounds
     python benchmarks/onnx_int8.py --train-steps 0       # untrained only
@@ -58,14 +58,14 @@ def _sentences(count: int) -> list[str]:
     return list(dict.fromkeys(text for row in _csv_rows("stsb/test.csv") for text in row[:2]))[:count]
 
 
-def _train(model, steps: int, batch: int) -> None:
+def _train(model, steps: int, batch: int, lr: float) -> None:
     """In-batch-negatives training on TrecQA (question, correct answer) pairs, one question per batch row."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     rows = _csv_rows("trecqa/train.csv")[1:]
     pairs = list({q: (q, a) for q, label, a in rows if label == "1"}.values())
     loss = MultipleNegativesRankingLoss(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
         chunk = pairs[step * batch : (step + 1) * batch]
@@ -79,17 +79,17 @@ def _train(model, steps: int, batch: int) -> None:
     model.eval()
 
 
-def _prepare(cache: Path, train_steps: int, train_batch: int) -> dict[str, Path]:
+def _prepare(cache: Path, train_steps: int, train_batch: int, lr: float) -> dict[str, Path]:
     folders = {"untrained": cache / "smollm2-135m-bidirectional"}
     if not (folders["untrained"] / "modules.json").is_file():
         build_model(convert_smollm2(cache / "smollm2-135m-instruct"), dtype="float32", device="cpu").save(
             str(folders["untrained"])
         )
     if train_steps:
-        trained = cache / f"smollm2-135m-trained-{train_steps}x{train_batch}"
+        trained = cache / f"smollm2-135m-trained-{train_steps}x{train_batch}-lr{lr:g}"
         if not (trained / "modules.json").is_file():
             model = load_model(folders["untrained"], device="cpu")
-            _train(model, train_steps, train_batch)
+            _train(model, train_steps, train_batch, lr)
             model.save(str(trained))
         folders[f"trained ({train_steps} steps x {train_batch})"] = trained
     for folder in folders.values():
@@ -156,13 +156,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--train-lr", type=float, default=2e-5)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     texts = _sentences(args.sentences)
     rows: list[dict] = []
-    for label, folder in _prepare(args.cache, args.train_steps, args.train_batch).items():
+    for label, folder in _prepare(args.cache, args.train_steps, args.train_batch, args.train_lr).items():
         rows += run(label, folder, texts, args.rounds, args.threads)
     print("\n| model | variant | min cosine | mean cosine | speed vs ORT fp32 | MiB |")
     print("|---|---|---|---|---|---|")
