@@ -610,17 +610,10 @@ def main() -> None:
         for runtime, run in (("vllm", run_vllm), ("llama.cpp", run_llama)):
             if runtime in installed:
                 try:
-                    # vLLM takes minutes per start on a small CPU: its causal control runs on the first model only.
-                    run(
-                        installed[runtime],
-                        name,
-                        folder,
-                        texts,
-                        ref,
-                        work,
-                        rows,
-                        control=index == 0 or runtime != "vllm",
-                    )
+                    # Each vLLM start takes minutes on a small CPU: --vllm-causal-control picks its control models.
+                    which = args.vllm_causal_control
+                    control = runtime != "vllm" or which == "all" or (which == "first" and index == 0)
+                    run(installed[runtime], name, folder, texts, ref, work, rows, control=control)
                 except Exception as error:  # noqa: BLE001 - reported in the table, other entry points still run
                     failures[f"{runtime} / {name}"] = str(error)
                     print(f"  {runtime}: FAILED: {error}", flush=True)
