@@ -42,7 +42,7 @@ RUNTIME_CHECKS: dict[str, RuntimeCheck] = {
         "router/src/lib.rs",
     ),
     "llama.cpp": RuntimeCheck(
-        "llama.cpp", "llama-cpp-python 0.3.36 and its bundled llama.cpp (converter, llama-server)", "run", "2026-12-07"
+        "llama.cpp", "llama-cpp-python 0.3.36 and its bundled llama.cpp (converter, Llama.embed)", "run", "2026-12-07"
     ),
     "onnxruntime": RuntimeCheck(
         "ONNX Runtime", "onnxruntime 1.32.0 (kalm-st export + ONNXEncoder)", "run", "2026-12-01"
