@@ -141,21 +141,18 @@ def _torch_export(graph, sample: dict[str, np.ndarray], path: Path, exporter: Ex
             )
 
 
-def _quantize_int8(source: Path, target: Path) -> None:
+def _quantize_int8(source: Path, target: Path, *, is_decoder: bool) -> None:
+    """The int8 graph: weight-only int8 for a decoder (its activation outliers defeat per-tensor activation scales),
+    dynamic int8 with per-channel weight scales for an encoder (all-MiniLM-L6-v2's smallest STS-B cosine to float32
+    rose from 0.944 with one scale per tensor to 0.990, at the same speed). :mod:`kalm_st.serving.onnx_int8`."""
+    from kalm_st.serving.onnx_int8 import onnxruntime_quiet_and_tidy, quantize_variant
+
+    if is_decoder:
+        quantize_variant(source, target, "weight-only-fp32-compute")
+        return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # onnxruntime logs a "consider pre-processing" hint on the root logger for every call: silence it here.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    # onnxruntime may write scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory.
-    # The working directory is not changed (a relative path would then point elsewhere, and chdir is process-wide):
-    # absolute paths go in, and the scratch files this call created are removed after.
-    cwd = Path.cwd()
-    before = {entry.name for entry in cwd.iterdir()} if os.access(cwd, os.R_OK) else set()
-    try:
-        # Per-channel weight scales: all-MiniLM-L6-v2's smallest STS-B cosine to float32 rose from 0.944 (one
-        # scale per tensor) to 0.990 at the same speed (benchmarks/onnx_speed.py, docs/benchmarks.md).
+    with onnxruntime_quiet_and_tidy(target.parent):
         quantize_dynamic(
             str(source.resolve()),
             str(target.resolve()),
@@ -163,27 +160,6 @@ def _quantize_int8(source: Path, target: Path) -> None:
             per_channel=True,
             use_external_data_format=source.stat().st_size > 1_900_000_000,  # protobuf's 2 GB limit
         )
-    finally:
-        root.setLevel(level)
-        for folder in {cwd, target.parent}:
-            for scratch in folder.glob("sym_shape_infer_temp.onnx*"):
-                if folder != cwd or scratch.name not in before:
-                    scratch.unlink()
-        if os.access(cwd, os.R_OK):
-            for entry in cwd.iterdir():
-                if entry.name not in before and _is_uuid_scratch(entry.name):
-                    entry.unlink(missing_ok=True)
-
-
-def _is_uuid_scratch(name: str) -> bool:
-    """``<uuid4>`` or ``<uuid4>.data``: the external-data scratch files onnx writes beside a relative model path."""
-    import uuid
-
-    stem = name.removesuffix(".data")
-    try:
-        return str(uuid.UUID(stem)) == stem
-    except ValueError:
-        return False
 
 
 def check_parity(
@@ -327,7 +303,7 @@ def export_onnx(
         sample = tokenizer(list(PROBE_TEXTS[:2]), padding=True, return_tensors="np")
         _torch_export(graph, {k: sample[k].astype(np.int64) for k in INPUT_NAMES}, tmp / "model.onnx", exporter, opset)
         if quantize:
-            _quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")
+            _quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx", is_decoder=spec.is_decoder)
         backend.save(str(tmp / "tokenizer.json"))
         if (
             destination.parent.resolve() != source.resolve()
@@ -360,8 +336,7 @@ def export_onnx(
     if int8_failure is not None:
         raise ONNXExportError(
             f"{int8_failure} model_int8.onnx was not kept; {files['float32']} (float32) passed and was written. "
-            "Dynamic int8 quantizes each activation tensor with one scale, which LLM activation outliers defeat; "
-            "see docs/serving.md. Accept a lower floor with int8_min_cosine (--int8-min-cosine) if that suits you."
+            "int8 costs quality (decoders get weight-only int8, encoders dynamic int8; docs/serving.md). Accept a lower floor with int8_min_cosine (--int8-min-cosine) if that suits you."
         )
     return ONNXExportResult(folder=destination, files=files, parity=parity, seconds=time.perf_counter() - start)
 

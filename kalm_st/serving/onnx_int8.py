@@ -1,9 +1,11 @@
 """int8 variants of an exported float32 graph, for measuring which one keeps a decoder embedder's quality.
 
-``kalm-st export --quantize int8`` uses onnxruntime's dynamic quantization (:func:`kalm_st.serving.onnx_export`):
-int8 weights and activations quantized with one scale per tensor at run time. Decoder LLMs have activation outlier
-channels that one scale per tensor cannot represent (SmolLM2-135M: smallest cosine 0.47 to float32). The variants
-here keep more in float32 (:data:`INT8_VARIANTS`); ``benchmarks/onnx_int8.py`` measures them side by side.
+Dynamic quantization (int8 weights, activations quantized with one scale per tensor at run time) suits encoders
+(all-MiniLM-L6-v2: smallest STS-B cosine 0.990). Decoder LLMs have activation outlier channels that one scale per
+tensor cannot represent (SmolLM2-135M: smallest cosine 0.47 to float32), so ``kalm-st export --quantize int8`` writes
+a decoder's graph as weight-only int8 (``weight-only-fp32-compute``: 8-bit weights in blocks of 32, float32
+activations; smallest cosine 0.990 on SmolLM2, 2.3x smaller, not faster). The other variants
+(:data:`INT8_VARIANTS`) are kept for ``benchmarks/onnx_int8.py``, which measures them side by side.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 INT8_VARIANTS: dict[str, str] = {
@@ -62,20 +66,45 @@ def quantize_variant(source: Path, target: Path, variant: str) -> None:
     """Write the ``variant`` (a key of :data:`INT8_VARIANTS`) int8 graph of the float32 graph ``source``."""
     if variant not in INT8_VARIANTS:
         raise ValueError(f"unknown int8 variant {variant!r}; known: {sorted(INT8_VARIANTS)}")
+    source, target = Path(source).resolve(), Path(target).resolve()  # absolute: no chdir, relative paths stay right
+    with onnxruntime_quiet_and_tidy(target.parent):
+        if variant.startswith("dynamic"):
+            _quantize_dynamic(source, target, variant)
+        else:
+            _quantize_weight_only(source, target, variant)
+
+
+@contextmanager
+def onnxruntime_quiet_and_tidy(target_dir: Path) -> Iterator[None]:
+    """Silence onnxruntime's per-call root-logger hint, and remove the scratch files its quantizers write into the
+    working directory and beside the target (``sym_shape_infer_temp.onnx``, ``<uuid>[.data]``); the working directory
+    is never changed (``chdir`` is process-wide, and a relative path would then point elsewhere)."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # onnxruntime logs a pre-processing hint on the root logger per call
-    cwd = os.getcwd()
+    root.setLevel(logging.ERROR)
+    cwd = Path.cwd()
+    before = {entry.name for entry in cwd.iterdir()} if os.access(cwd, os.R_OK) else set()
     try:
-        with tempfile.TemporaryDirectory(prefix="kalm-st-int8-") as scratch:
-            os.chdir(scratch)  # onnxruntime writes scratch files into the working directory
-            if variant.startswith("dynamic"):
-                _quantize_dynamic(Path(source).resolve(), Path(target).resolve(), variant)
-            else:
-                _quantize_weight_only(Path(source).resolve(), Path(target).resolve(), variant)
+        yield
     finally:
-        os.chdir(cwd)
         root.setLevel(level)
+        for folder in {cwd, target_dir}:
+            for scratch in folder.glob("sym_shape_infer_temp.onnx*"):
+                if folder != cwd or scratch.name not in before:
+                    scratch.unlink()
+        if os.access(cwd, os.R_OK):
+            for entry in cwd.iterdir():
+                if entry.name not in before and _is_uuid_scratch(entry.name):
+                    entry.unlink(missing_ok=True)
+
+
+def _is_uuid_scratch(name: str) -> bool:
+    """``<uuid4>`` or ``<uuid4>.data``: the external-data scratch files onnx writes beside a relative model path."""
+    stem = name.removesuffix(".data")
+    try:
+        return str(uuid.UUID(stem)) == stem
+    except ValueError:
+        return False
 
 
 def _quantize_dynamic(source: Path, target: Path, variant: str) -> None:
@@ -108,4 +137,10 @@ def _quantize_weight_only(source: Path, target: Path, variant: str) -> None:
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
-__all__ = ["INT8_VARIANTS", "linear_matmuls", "quantize_variant", "sensitive_matmuls"]
+__all__ = [
+    "INT8_VARIANTS",
+    "linear_matmuls",
+    "onnxruntime_quiet_and_tidy",
+    "quantize_variant",
+    "sensitive_matmuls",
+]
