@@ -86,9 +86,10 @@ def _prompts(dataset: Any, task: str, task_types: dict[str, str], args: argparse
 
 
 def _load_model(args: argparse.Namespace):  # noqa: ANN202 - lazily imported types
-    from sentence_transformers import SentenceTransformer
+    # kalm-st's class: a bidirectional decoder then encodes on real tokens only; any other model loads as stock
+    from kalm_st.model import KaLMSentenceTransformer
 
-    return SentenceTransformer(args.model, device=args.device)
+    return KaLMSentenceTransformer(args.model, device=args.device)
 
 
 def _mine(args: argparse.Namespace) -> int:
