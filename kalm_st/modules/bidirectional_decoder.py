@@ -15,6 +15,17 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from kalm_st.modules.real_tokens import (
+    DEFAULT_BUCKET_RATIO,
+    DEFAULT_PACK_ROW_TOKENS,
+    REAL_TOKEN_MODES,
+    RealTokenMode,
+    TokenLayout,
+    bucketed_forward,
+    choose_mode,
+    packed_forward,
+)
+
 logger = logging.getLogger(__name__)
 
 MIN_TRANSFORMERS_VERSION = "5.2.0"
@@ -84,6 +95,14 @@ class BidirectionalDecoder(Transformer):
     module's default positions differ from that by < 1e-6, since RoPE is shift-invariant). A tokenizer without a
     padding token gets its end-of-sequence token as padding.
 
+    Real tokens only (``real_tokens``, default ``"auto"``): a padded text batch (training, ``encode``, mining,
+    evaluation) is not run as padded. Its texts are packed into rows with a block-diagonal bidirectional mask and
+    per-text positions (``"pack"``), or run in length buckets (``"bucket"``), and the token states are put back in
+    the padded layout (zeros at padding): the same embeddings, a fraction of the compute
+    (:mod:`kalm_st.modules.real_tokens`). ``"off"`` runs the padded batch as the stock module does. The setting is
+    runtime only and not saved, so the saved folder stays the stock format. Under flash-attention 2,
+    sentence-transformers' own ``unpad_inputs`` flattening is used instead.
+
     Args:
         model_name_or_path: Hub id or local directory of a decoder checkpoint (``*ForCausalLM`` or base model; the
             LM head is not loaded).
@@ -135,6 +154,9 @@ class BidirectionalDecoder(Transformer):
 
     def _make_bidirectional(self) -> None:
         self.auto_model.config.is_causal = False
+        self.real_tokens = getattr(self, "real_tokens", "auto")
+        self.pack_row_tokens = getattr(self, "pack_row_tokens", DEFAULT_PACK_ROW_TOKENS)
+        self.bucket_ratio = getattr(self, "bucket_ratio", DEFAULT_BUCKET_RATIO)
         tokenizer = self.tokenizer
         if tokenizer is not None and tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -158,6 +180,9 @@ class BidirectionalDecoder(Transformer):
                 (input_ids.shape[0], 0, hidden), dtype=self.auto_model.dtype, device=input_ids.device
             )
             return features
+        mode = self._real_token_mode(features)
+        if mode != "off":
+            return self._real_token_forward(features, mode, **kwargs)
         attention_mask = features.get("attention_mask")
         if (
             attention_mask is not None
@@ -168,6 +193,72 @@ class BidirectionalDecoder(Transformer):
             # Left padding: give each text the positions it has alone.
             features["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return super().forward(features, **kwargs)
+
+    @property
+    def real_tokens(self) -> RealTokenMode:
+        """How padded text batches are run: ``"auto"`` (default), ``"pack"``, ``"bucket"`` or ``"off"``."""
+        return self._real_tokens
+
+    @real_tokens.setter
+    def real_tokens(self, value: RealTokenMode) -> None:
+        if value not in REAL_TOKEN_MODES:
+            raise ValueError(f"real_tokens must be one of {list(REAL_TOKEN_MODES)}, got {value!r}")
+        self._real_tokens = value
+
+    def _real_token_mode(self, features: dict[str, Any]) -> str:
+        """``"pack"``/``"bucket"`` for a padded plain-text batch whose padding can be skipped exactly, else ``"off"``."""
+        if self.real_tokens == "off":
+            return "off"
+        input_ids = features.get("input_ids")
+        attention_mask = features.get("attention_mask")
+        config = self.auto_model.config
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or not isinstance(attention_mask, torch.Tensor)
+            or input_ids.ndim != 2
+            or attention_mask.shape != input_ids.shape
+            or features.get("modality", "text") != "text"
+            or "position_ids" in features  # caller's own positions (or a flattened flash-attention batch)
+            or "cu_seq_lens_q" in features
+            or "inputs_embeds" in features
+            or getattr(config, "output_hidden_states", False)
+        ):
+            return "off"
+        mask = attention_mask.bool()
+        if bool(mask.all()):
+            return "off"
+        # Exact only when each text's tokens are contiguous (left or right padding, as tokenizers pad).
+        steps = mask.to(torch.int8).diff(dim=1)
+        if not bool(((steps <= 0).all(dim=1) | (steps >= 0).all(dim=1)).all()):
+            return "off"
+        mode = choose_mode(TokenLayout.of(attention_mask), self.real_tokens)
+        if mode == "pack" and config._attn_implementation not in ("sdpa", "eager"):
+            return "bucket"  # a dense block mask is for sdpa / eager; flash / flex run buckets
+        return mode
+
+    def _real_token_forward(self, features: dict[str, Any], mode: str, **kwargs: Any) -> dict[str, Any]:
+        input_ids = features["input_ids"]
+        layout = TokenLayout.of(features["attention_mask"])
+        pad_token_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        eager = self.auto_model.config._attn_implementation == "eager"
+        dtype = self.auto_model.dtype
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if eager and mask.ndim == 4:  # eager adds the mask to the scores
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(dtype).min
+                )
+            sub = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            return super(BidirectionalDecoder, self).forward(sub, **kwargs)[self.module_output_name]
+
+        if layout.real_tokens == 0:
+            states = torch.zeros((0, self.auto_model.config.hidden_size), dtype=dtype, device=input_ids.device)
+        elif mode == "pack":
+            states = packed_forward(input_ids, layout, forward, pad_token_id, self.pack_row_tokens)
+        else:
+            states = bucketed_forward(input_ids, layout, forward, pad_token_id, self.bucket_ratio)
+        features[self.module_output_name] = layout.scatter_back(states)
+        return features
 
 
 BidirectionalQwen = BidirectionalDecoder
