@@ -42,6 +42,8 @@ CASES: tuple[tuple[str, str, float], ...] = (
     ("train", "train_throughput:gpu_case", 150.0),
     ("loss", "loss_overhead:gpu_case", 90.0),
     ("encode", "encode_speed:gpu_case", 60.0),
+    ("unpad", "train_throughput:unpad_gpu_case", 60.0),
+    ("fsdp2", "shard_memory:gpu_case", 60.0),
 )
 NAMES = tuple(name for name, _, _ in CASES)
 SCHEMA_VERSION = 2

@@ -138,7 +138,7 @@ def launch(backbone: Path, strategy: str, out: Path) -> list[dict[str, Any]]:
     return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(2)]
 
 
-def gpu_case(
+def fsdp2_check(
     backbone: str | None = None, *, steps: int = 10, batch_size: int = 16, seq_len: int = 256, device: str = "cuda"
 ) -> dict[str, float]:
     """FSDP2 on one GPU: the sharded wrapper (one process group of 1) trains ``steps`` focal-InfoNCE steps; prints
@@ -199,6 +199,18 @@ def gpu_case(
     finally:
         if not created:
             dist.destroy_process_group()
+
+
+def gpu_case(ctx) -> dict:
+    """The GPU check's case for :func:`fsdp2_check`: FSDP2 with activation checkpointing on the check's own
+    checkpoint (the Qwen2-0.5B shape on a GPU, the tiny config in the CPU smoke, on gloo)."""
+    return fsdp2_check(
+        str(ctx.checkpoint()),
+        steps=ctx.pick(10, 2),
+        batch_size=ctx.pick(16, 2),
+        seq_len=ctx.pick(256, 16),
+        device=ctx.device,
+    )
 
 
 def main() -> None:

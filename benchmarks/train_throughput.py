@@ -17,7 +17,7 @@ labelling); padding waste there = padded positions / all positions of the tokeni
 
     python benchmarks/train_throughput.py --samplers --steps 30 --batch-size 32
 
-``gpu_case(...)`` is the GPU check: parity and tokens/s of sentence-transformers' flash-attention ``unpad_inputs``
+``unpad_check(...)`` (the GPU check's ``unpad`` case) gives parity and tokens/s of sentence-transformers' flash-attention ``unpad_inputs``
 through ``BidirectionalDecoder`` against the padded sdpa forward.
 """
 
@@ -313,7 +313,7 @@ def real_token_main(args: argparse.Namespace) -> None:
     )
 
 
-def gpu_case(backbone_dir: str | os.PathLike[str] | None = None, batch_size: int = 64, steps: int = 5) -> dict:
+def unpad_check(backbone_dir: str | os.PathLike[str] | None = None, batch_size: int = 64, steps: int = 5) -> dict:
     """GPU check: sentence-transformers' flash-attention ``unpad_inputs`` through ``BidirectionalDecoder``.
 
     Encodes the same bundled texts with the padded sdpa forward and with ``attn_implementation="flash_attention_2"``
@@ -402,6 +402,15 @@ def _pair_info_nce(embeddings: torch.Tensor) -> torch.Tensor:
     half = embeddings.size(0) // 2
     logits = embeddings[:half] @ embeddings[half : 2 * half].T / 0.05
     return torch.nn.functional.cross_entropy(logits.float(), torch.arange(half, device=logits.device))
+
+
+def unpad_gpu_case(ctx) -> dict:
+    """The GPU check's case for :func:`unpad_check` (flash-attention varlen through ``BidirectionalDecoder``), on
+    the check's own checkpoint; skipped in the CPU smoke (flash-attention needs CUDA)."""
+    missing = ctx.fa2_missing()
+    if missing:
+        return {"skipped": missing}
+    return unpad_check(ctx.checkpoint(), batch_size=64, steps=5)
 
 
 def gpu_case(ctx) -> dict:

@@ -221,3 +221,21 @@ def test_gradcache_replay_with_real_tokens_equals_plain_padded(tiny_model) -> No
     if any(getattr(m, "p", 0) for m in tiny_model.modules() if isinstance(m, torch.nn.Dropout)):
         pytest.skip("dropout: the plain loss draws other masks than the cached replay")
     assert_same_loss_and_grads(run(cached, "auto"), run(plain, "off"), msg="gradcache")
+
+
+def test_a_causal_call_stays_causal(tiny_model) -> None:
+    """The block mask is bidirectional, so a causal call (``is_causal=True``, the GPU check's control) or a causal
+    config must run padded: the first token then cannot see the last one. Reference: causality itself."""
+    model = copy.deepcopy(tiny_model)
+    features = model.preprocess(TEXTS[:3])  # padded: the real-token path would run for a bidirectional call
+    ids = features["input_ids"]
+    last = int(features["attention_mask"][1].sum()) - 1
+    changed = ids.clone()
+    changed[1, last] = ids[1, 1] if int(ids[1, 1]) != int(ids[1, last]) else ids[1, 2]
+
+    def first_token(input_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+        with torch.no_grad():
+            return model[0]({**features, "input_ids": input_ids}, is_causal=causal)["token_embeddings"][1, 0]
+
+    assert (first_token(ids, False) - first_token(changed, False)).abs().max() > 1e-3  # bidirectional: it sees it
+    assert torch.equal(first_token(ids, True), first_token(changed, True))  # causal: it does not

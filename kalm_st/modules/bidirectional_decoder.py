@@ -180,7 +180,7 @@ class BidirectionalDecoder(Transformer):
                 (input_ids.shape[0], 0, hidden), dtype=self.auto_model.dtype, device=input_ids.device
             )
             return features
-        mode = self._real_token_mode(features)
+        mode = self._real_token_mode(features, kwargs.get("is_causal"))
         if mode != "off":
             return self._real_token_forward(features, mode, **kwargs)
         attention_mask = features.get("attention_mask")
@@ -205,7 +205,7 @@ class BidirectionalDecoder(Transformer):
             raise ValueError(f"real_tokens must be one of {list(REAL_TOKEN_MODES)}, got {value!r}")
         self._real_tokens = value
 
-    def _real_token_mode(self, features: dict[str, Any]) -> str:
+    def _real_token_mode(self, features: dict[str, Any], is_causal: bool | None = None) -> str:
         """``"pack"``/``"bucket"`` for a padded plain-text batch whose padding can be skipped exactly, else ``"off"``."""
         if self.real_tokens == "off":
             return "off"
@@ -222,6 +222,8 @@ class BidirectionalDecoder(Transformer):
             or "cu_seq_lens_q" in features
             or "inputs_embeds" in features
             or getattr(config, "output_hidden_states", False)
+            # a causal model, or a causal call (a control): the block mask is bidirectional
+            or (is_causal if is_causal is not None else getattr(config, "is_causal", True) is not False)
         ):
             return "off"
         mask = attention_mask.bool()
