@@ -199,7 +199,7 @@ def remove_chat_templates(folder: Path, module_folder: Path) -> list[str]:
     Returns the files removed or changed (relative to ``folder``).
     """
     st_config_path = module_folder / "sentence_bert_config.json"
-    if st_config_path.is_file() and "message" in (_read_json(st_config_path).get("modality_config") or {}):
+    if st_config_path.is_file() and "message" in (read_json(st_config_path).get("modality_config") or {}):
         logger.info("%s: saved with the 'message' (chat template) input mode; its chat template is kept.", folder)
         return []
     changed: list[str] = []
@@ -214,7 +214,7 @@ def remove_chat_templates(folder: Path, module_folder: Path) -> list[str]:
         changed.append(str(template_dir.relative_to(folder)))
     tokenizer_config_path = module_folder / "tokenizer_config.json"
     if tokenizer_config_path.is_file():
-        tokenizer_config = _read_json(tokenizer_config_path)
+        tokenizer_config = read_json(tokenizer_config_path)
         if "chat_template" in tokenizer_config:
             del tokenizer_config["chat_template"]
             write_json_atomic(tokenizer_config_path, tokenizer_config)
