@@ -25,9 +25,8 @@ Example::
           model: {init_from: "@stage1"}
           data: {tasks: {my_qa: {path: "@mine"}}}
 
-Step kinds and their keys are the dataclasses below, each declared once with :func:`step_kind` (its name, which keys
-are inputs, its default output, its runner): the parser, the runner's plan and dry run, and the command line read
-that declaration (:data:`STEP_KINDS`). Unknown keys, wrong types and bad references are
+Step kinds and their keys are the dataclasses below, each declared once by :func:`step_kind` (read by the parser, the
+runner, the dry run and the CLI); unknown keys, wrong types and bad references are
 :class:`~kalm_st.recipe.config.ConfigError`\\ s naming the step, the key and the file.
 """
 
@@ -41,20 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kalm_st.recipe import steps as runners
 from kalm_st.recipe.config import ConfigError, SourceConfig, TaskType, _build, apply_overrides, parse_yaml
-from kalm_st.recipe.steps import (
-    DATA_FILE,
-    plan_train,
-    run_eval,
-    run_filter,
-    run_label,
-    run_mine,
-    run_push,
-    run_soup,
-    run_teacher_embed,
-    run_teacher_score,
-    run_train,
-)
+from kalm_st.recipe.steps import DATA_FILE
 
 REFERENCE_PREFIX = "@"
 """``"@stage1"`` in a step's value is the output of the earlier step ``stage1``."""
@@ -69,20 +57,18 @@ class StepKind:
     name: str
     settings: type
     run: Callable[[Any], dict[str, Any]]
-    """The runner: a :class:`~kalm_st.recipe.steps.StepContext` -> the manifest's summary (imports heavy libraries
-    inside, so that reading a recipe stays light)."""
+    """A :class:`~kalm_st.recipe.steps.StepContext` -> the manifest's summary (heavy imports inside it)."""
     inputs: tuple[str, ...] = ()
-    """Keys naming data it reads (files, globs, folders, ``sources``, ``@step`` outputs): fingerprinted, checked by the
-    dry run."""
+    """Keys naming data it reads (files, globs, folders, ``sources``, ``@step``): fingerprinted, dry-run checked."""
     models: tuple[str, ...] = ()
     """Keys naming models it loads (a folder, a Hub id, ``builtin:``, ``@step``)."""
     output: str | None = None
-    """Its output in the step's folder (``final``, ``data.parquet``); None: it writes none."""
+    """Its output in the step's folder (``final``, ``data.parquet``); None: none."""
     plan: Callable[[Any, Any, Step, Path], tuple[list[tuple[str, bool]], dict[str, Any]]] | None = None
-    """For a kind whose settings point at a config of their own (train: a stage file): (settings, settings for the
-    fingerprint, step, step folder) -> (inputs, config to fingerprint), in place of ``inputs`` / ``models``."""
+    """Instead of ``inputs`` / ``models``, for settings naming a config of their own (train: a stage file):
+    (settings, settings to fingerprint, step, step folder) -> (inputs, config to fingerprint)."""
     every_rank: bool = False
-    """Runs on every process of a launcher (training's data parallelism); other kinds run on rank 0 only."""
+    """Runs on every process of a launcher (training); other kinds on rank 0 while the others wait."""
 
     def inputs_of(self, settings: Any) -> list[tuple[str, bool]]:
         """The paths and model ids ``settings`` (references resolved) reads, each with whether it is a model."""
@@ -111,7 +97,7 @@ def step_kind(name: str, run: Callable[[Any], dict[str, Any]], **declaration: An
     return declare
 
 
-@step_kind("train", run_train, output="final", plan=plan_train, every_rank=True)
+@step_kind("train", runners.run_train, output="final", plan=runners.plan_train, every_rank=True)
 @dataclass(frozen=True)
 class TrainStep:
     """Train one stage (:func:`kalm_st.recipe.build.run_stage`); output: the stage's ``final/`` model.
@@ -126,7 +112,7 @@ class TrainStep:
     set: dict[str, Any] = field(default_factory=dict)
 
 
-@step_kind("mine", run_mine, models=("model",), inputs=("data", "sources", "corpus"), output=DATA_FILE)
+@step_kind("mine", runners.run_mine, models=("model",), inputs=("data", "sources", "corpus"), output=DATA_FILE)
 @dataclass(frozen=True)
 class MineStep:
     """Hard-negative mining with a model (:func:`kalm_st.data.mine_hard_negatives`); output: a training file.
@@ -155,7 +141,7 @@ class MineStep:
     seed: int = 0
 
 
-@step_kind("filter", run_filter, models=("model",), inputs=("data", "sources", "corpus"), output=DATA_FILE)
+@step_kind("filter", runners.run_filter, models=("model",), inputs=("data", "sources", "corpus"), output=DATA_FILE)
 @dataclass(frozen=True)
 class FilterStep:
     """Ranking-consistency filtering (:func:`kalm_st.data.filter_by_rank`): drop rows whose positive is not in the
@@ -174,7 +160,7 @@ class FilterStep:
     chunk_size: int = 8192
 
 
-@step_kind("label", run_label, inputs=("data",), output=DATA_FILE)
+@step_kind("label", runners.run_label, inputs=("data",), output=DATA_FILE)
 @dataclass(frozen=True)
 class LabelStep:
     """Example-based multi-class labelling (:func:`kalm_st.data.label_examples`) of a labelled table (``data``: files,
@@ -189,7 +175,9 @@ class LabelStep:
     seed: int = 0
 
 
-@step_kind("teacher-score", run_teacher_score, models=("teacher",), inputs=("data", "sources"), output=DATA_FILE)
+@step_kind(
+    "teacher-score", runners.run_teacher_score, models=("teacher",), inputs=("data", "sources"), output=DATA_FILE
+)
 @dataclass(frozen=True)
 class TeacherScoreStep:
     """Teacher scores of each row's positive and negatives (:func:`kalm_st.data.score_with_teacher`) into ``label``;
@@ -212,7 +200,9 @@ class TeacherScoreStep:
     ``{step_dir}/flag_embedding/``."""
 
 
-@step_kind("teacher-embed", run_teacher_embed, models=("teacher",), inputs=("data", "sources"), output=DATA_FILE)
+@step_kind(
+    "teacher-embed", runners.run_teacher_embed, models=("teacher",), inputs=("data", "sources"), output=DATA_FILE
+)
 @dataclass(frozen=True)
 class TeacherEmbedStep:
     """Teacher embeddings of every text of each row (:func:`kalm_st.data.teacher_embeddings.embed_training_data`)
@@ -233,7 +223,7 @@ class TeacherEmbedStep:
     """How the input files' ``instruction`` column is read (as for the other curation steps)."""
 
 
-@step_kind("soup", run_soup, models=("models",), output="final")
+@step_kind("soup", runners.run_soup, models=("models",), output="final")
 @dataclass(frozen=True)
 class SoupStep:
     """Parameter average of models (:func:`kalm_st.recipe.soup.soup`); output: the souped model."""
@@ -242,7 +232,7 @@ class SoupStep:
     weights: tuple[float, ...] | None = None
 
 
-@step_kind("eval", run_eval, models=("model",), inputs=("data_dir",), output="results")
+@step_kind("eval", runners.run_eval, models=("model",), inputs=("data_dir",), output="results")
 @dataclass(frozen=True)
 class EvalStep:
     """MTEB evaluation with the KaLM instructions (:func:`kalm_st.evaluation.evaluate_model`); output: mteb's results
@@ -256,7 +246,7 @@ class EvalStep:
     max_seq_length: int | None = None
 
 
-@step_kind("push", run_push, models=("model",), inputs=("results",))
+@step_kind("push", runners.run_push, models=("model",), inputs=("results",))
 @dataclass(frozen=True)
 class PushStep:
     """Model card + upload to the Hub (:func:`kalm_st.evaluation.hub.push_model`); needs the network and a token."""
@@ -282,16 +272,12 @@ class Step:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The step's mapping as written (after ``--set``), for manifests."""
 
-    @property
-    def spec(self) -> StepKind:
-        """The step's kind as declared (:func:`step_kind`)."""
-        return STEP_KINDS[self.kind]
-
     def output_path(self, step_dir: Path) -> Path | None:
         """Where the step writes: ``output:``, else its kind's output in ``step_dir`` (None: it writes nothing)."""
         if self.output is not None:
             return Path(self.output)
-        return step_dir / self.spec.output if self.spec.output is not None else None
+        output = STEP_KINDS[self.kind].output
+        return step_dir / output if output is not None else None
 
     def references(self) -> list[str]:
         """Names of the earlier steps this step reads (every ``@name`` in its settings)."""

@@ -39,7 +39,7 @@ from typing import Any
 
 from kalm_st.io import write_json_atomic
 from kalm_st.recipe.config import ConfigError
-from kalm_st.recipe.recipe import REFERENCE_PREFIX, Recipe, RecipeError, Step, is_reference
+from kalm_st.recipe.recipe import REFERENCE_PREFIX, STEP_KINDS, Recipe, RecipeError, Step, is_reference
 from kalm_st.recipe.steps import StepContext
 
 logger = logging.getLogger(__name__)
@@ -216,10 +216,11 @@ def plan_recipe(recipe: Recipe) -> tuple[list[StepPlan], list[str], list[str]]:
         try:
             settings = _resolved_settings(step, outputs, fingerprints, as_path=True)
             hashed = _resolved_settings(step, outputs, fingerprints, as_path=False)
-            if step.spec.plan is not None:
-                inputs, resolved = step.spec.plan(settings, hashed, step, step_dir)
+            kind = STEP_KINDS[step.kind]
+            if kind.plan is not None:
+                inputs, resolved = kind.plan(settings, hashed, step, step_dir)
             else:
-                inputs, resolved = step.spec.inputs_of(settings), asdict(hashed)
+                inputs, resolved = kind.inputs_of(settings), asdict(hashed)
         except (ConfigError, FileNotFoundError) as error:
             problems.append(str(error))
             continue
@@ -383,7 +384,7 @@ def run_recipe(
                 raise ConfigError(
                     f"step {name!r} needs the output of step {ref!r}, which is not complete; run it first."
                 )
-        if not main and not plan.step.spec.every_rank:
+        if not main and not STEP_KINDS[plan.step.kind].every_rank:
             logger.info("step %s (%s): runs on rank 0; rank %d waits", name, plan.step.kind, rank)
             _wait_for(plan, "manifest")
             report.status[name] = "ran on rank 0"
@@ -398,7 +399,7 @@ def run_recipe(
         context = StepContext(
             plan.step, plan.settings, plan.step_dir, plan.output, builtin_dir, resume, recipe.seed, main
         )
-        summary = plan.step.spec.run(context)
+        summary = STEP_KINDS[plan.step.kind].run(context)
         seconds = time.perf_counter() - begin
         if not main:
             _wait_for(plan, "manifest")

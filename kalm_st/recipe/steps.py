@@ -1,5 +1,4 @@
-"""What each step kind of a recipe does: one runner function per kind (declared with its settings, inputs and output
-by :func:`kalm_st.recipe.recipe.step_kind`).
+"""What each step kind of a recipe does: one runner per kind (declared by :func:`kalm_st.recipe.recipe.step_kind`).
 
 Every function takes a :class:`StepContext` (the step with its ``@step`` references already replaced by paths) and
 returns a small summary (row counts, scores) that goes into the step's manifest. Outputs are written atomically, so a
@@ -215,32 +214,22 @@ def stage_config(settings: Any, step: Step, step_dir: Path) -> StageConfig:
     return StageConfig.from_dict(merged, f"{path} (step {step.name!r} of the recipe)")
 
 
-def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
-    """Every path or model id a stage reads, each with whether it is a model: its starting model, its data files."""
-    inputs: list[tuple[str, bool]] = []
-    if config.model is not None:
-        inputs.append((config.model.init_from, True))
-    if config.data is not None:
-        inputs += [(task.path, False) for task in config.data.tasks.values()]
-        inputs += [(task.path, False) for task in config.data.eval_tasks.values()]
-        inputs += [(source.path, False) for source in config.data.sources]
-    return inputs
-
-
 def plan_train(
     settings: Any, hashed: Any, step: Step, step_dir: Path
 ) -> tuple[list[tuple[str, bool]], dict[str, Any]]:
-    """A train step's inputs (its starting model, data files and stage file) and the config its fingerprint hashes:
-    the merged stage config (``hashed``: settings with ``@step`` as ``@step#fingerprint``)."""
-    inputs = [*stage_inputs(stage_config(settings, step, step_dir)), (settings.config, False)]
-    config = stage_config(hashed, step, step_dir).to_dict()
-    config.pop("output_dir")
-    return inputs, config
+    """A train step's inputs (starting model, data files, stage file; each with whether it is a model) and the config
+    its fingerprint hashes: the merged stage config (``hashed``: the settings with ``@step`` as ``@step#fingerprint``)."""
+    config = stage_config(settings, step, step_dir)
+    inputs = [(config.model.init_from, True)] if config.model is not None else []
+    if config.data is not None:
+        reads = [*config.data.tasks.values(), *config.data.eval_tasks.values(), *config.data.sources]
+        inputs += [(task.path, False) for task in reads]
+    resolved = stage_config(hashed, step, step_dir).to_dict()
+    resolved.pop("output_dir")
+    return [*inputs, (settings.config, False)], resolved
 
 
 def run_train(ctx: StepContext) -> dict[str, Any]:
-    import dataclasses
-
     from kalm_st.io import atomic_directory
     from kalm_st.model_source import builtin_folder
     from kalm_st.recipe.backbones import BUILTIN_PREFIX
@@ -485,5 +474,4 @@ __all__ = [
     "plan_train",
     "read_scores",
     "stage_config",
-    "stage_inputs",
 ]
