@@ -378,7 +378,7 @@ def parse_step(raw: Any, index: int, source: str) -> Step:
 
 def _check_values(settings: Any, where: str) -> None:
     """Value checks the types cannot express (counts >= 1, ranges in order), each naming the key."""
-    if "sources" in settings.step_kind.inputs and not (settings.data or settings.sources):
+    if "sources" in settings.step_kind.inputs and not (getattr(settings, "data", ()) or settings.sources):
         raise ConfigError(f"{where}: needs data (files or @steps) or sources (folders, globs, hf:// datasets).")
     for key in ("batch_size", "num_negatives", "top_k", "range_max", "chunk_size"):
         value = getattr(settings, key, None)
