@@ -1,7 +1,7 @@
 """``kalm-st mine | filter | label | teacher-score | teacher-embed``: a one-step recipe on files.
 
 Each command builds the settings of the recipe step of the same kind (:mod:`kalm_st.recipe.recipe`) and runs it
-through the same runner (:data:`kalm_st.recipe.steps.RUNNERS`): the same reader (:mod:`kalm_st.data.load`), the same
+through the runner its kind declares (:data:`kalm_st.recipe.recipe.STEP_KINDS`): the same reader (:mod:`kalm_st.data.load`), the same
 pass-through of Classification / Clustering tasks, the same output (one file, written atomically, a ``task`` column
 keeping the tasks apart).
 
@@ -91,21 +91,19 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run(kind: str, settings: Any, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    """Run ``settings`` as a one-step recipe through the recipe's own runner; ``(summary, step folder)``."""
+def _run(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``settings`` as a one-step recipe through its kind's runner, in a temporary step folder; its summary."""
     from kalm_st.io import check_output_path
     from kalm_st.recipe.recipe import Step
-    from kalm_st.recipe.steps import RUNNERS, StepContext
+    from kalm_st.recipe.steps import StepContext
 
+    kind = settings.step_kind.name
     check_output_path(args.output)  # before any loading or encoding: a bad path fails now, not after hours of work
     work = Path(tempfile.mkdtemp(prefix=f"kalm-st-{kind}-"))
     cache = getattr(args, "cache_dir", None)
     if not cache and kind.startswith("teacher-"):  # teacher caches outlive the run: beside the output, never the cwd
-        cache = (
-            Path(args.output).parent
-            / ".kalm_cache"
-            / {"teacher-score": "teacher_scores"}.get(kind, "teacher_embeddings")
-        )
+        folder = "teacher_scores" if kind == "teacher-score" else "teacher_embeddings"
+        cache = Path(args.output).parent / ".kalm_cache" / folder
     ctx = StepContext(
         step=Step(name=kind, kind=kind, settings=settings),
         settings=settings,
@@ -118,7 +116,13 @@ def _run(kind: str, settings: Any, args: argparse.Namespace) -> tuple[dict[str, 
         device=args.device,
     )
     ctx.step_dir.mkdir(parents=True)
-    return RUNNERS[kind](ctx), work
+    try:
+        summary = settings.step_kind.run(ctx)
+        if getattr(args, "flag_embedding", None):  # written into the step folder: copied out before it goes
+            shutil.copytree(summary["flag_embedding"], args.flag_embedding, dirs_exist_ok=True)
+        return summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _mine(args: argparse.Namespace) -> int:
@@ -129,9 +133,7 @@ def _mine(args: argparse.Namespace) -> int:
         num_negatives=args.num_negatives, sampling=args.sampling, scores=args.scores, batch_size=args.batch_size,
         faiss=True if args.faiss else None, chunk_size=args.chunk_size, seed=args.seed, **_inputs(args),
     )  # fmt: skip
-    summary, work = _run("mine", settings, args)
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("mine: rows per task %s", summary["rows"])
+    logger.info("mine: rows per task %s", _run(settings, args)["rows"])
     return 0
 
 
@@ -142,8 +144,7 @@ def _filter(args: argparse.Namespace) -> int:
         model=args.model, corpus=args.corpus, top_k=args.top_k, batch_size=args.batch_size,
         faiss=True if args.faiss else None, chunk_size=args.chunk_size, **_inputs(args),
     )  # fmt: skip
-    summary, work = _run("filter", settings, args)
-    shutil.rmtree(work, ignore_errors=True)
+    summary = _run(settings, args)
     dropped = sum(summary["dropped"].values())
     total = dropped + sum(summary["rows"][task] for task in summary["dropped"])
     print(f"filter: dropped {dropped} of {total} rows whose positive is not in the top {args.top_k}")  # noqa: T201
@@ -159,8 +160,7 @@ def _label(args: argparse.Namespace) -> int:
         data=tuple(args.input), task=args.task, text_column=args.text_column, label_column=args.label_column,
         num_negatives=args.num_negatives, seed=args.seed,
     )  # fmt: skip
-    summary, work = _run("label", settings, args)
-    shutil.rmtree(work, ignore_errors=True)
+    summary = _run(settings, args)
     print(  # noqa: T201
         f"label: {summary['rows'][args.task]} rows for task {args.task!r}; train it with type Classification "
         f"(instruction on every column) and no in-batch negatives, and curate it with "
@@ -176,10 +176,7 @@ def _teacher_score(args: argparse.Namespace) -> int:
         teacher=args.model, cross_encoder=args.cross_encoder, batch_size=args.batch_size, teacher_id=args.teacher_id,
         flag_embedding=bool(args.flag_embedding), dtype="float32", **_inputs(args),
     )  # fmt: skip
-    summary, work = _run("teacher-score", settings, args)
-    if args.flag_embedding:
-        shutil.copytree(summary["flag_embedding"], args.flag_embedding, dirs_exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
+    _run(settings, args)
     return 0
 
 
@@ -190,8 +187,7 @@ def _teacher_embed(args: argparse.Namespace) -> int:
         teacher=args.model, batch_size=args.batch_size, chunk_size=args.chunk_size, teacher_id=args.teacher_id,
         dtype="float32", **_inputs(args),
     )  # fmt: skip
-    _, work = _run("teacher-embed", settings, args)
-    shutil.rmtree(work, ignore_errors=True)
+    _run(settings, args)
     return 0
 
 

@@ -25,8 +25,9 @@ Example::
           model: {init_from: "@stage1"}
           data: {tasks: {my_qa: {path: "@mine"}}}
 
-Step kinds and their keys are the dataclasses below (:data:`STEP_KINDS`); unknown keys, wrong types and bad
-references are :class:`~kalm_st.recipe.config.ConfigError`\\ s naming the step, the key and the file.
+Step kinds and their keys are the dataclasses below, each declared once by :func:`step_kind` (read by the parser, the
+runner, the dry run and the CLI); unknown keys, wrong types and bad references are
+:class:`~kalm_st.recipe.config.ConfigError`\\ s naming the step, the key and the file.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kalm_st.recipe import steps as runners
 from kalm_st.recipe.config import ConfigError, SourceConfig, TaskType, _build, apply_overrides, parse_yaml
+from kalm_st.recipe.steps import DATA_FILE
 
 REFERENCE_PREFIX = "@"
 """``"@stage1"`` in a step's value is the output of the earlier step ``stage1``."""
@@ -47,6 +50,54 @@ REFERENCE_PREFIX = "@"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+@dataclass(frozen=True)
+class StepKind:
+    """A step kind, declared once on its settings dataclass by :func:`step_kind`."""
+
+    name: str
+    settings: type
+    run: Callable[[Any], dict[str, Any]]
+    """A :class:`~kalm_st.recipe.steps.StepContext` -> the manifest's summary (heavy imports inside it)."""
+    inputs: tuple[str, ...] = ()
+    """Keys naming data it reads (files, globs, folders, ``sources``, ``@step``): fingerprinted, dry-run checked."""
+    models: tuple[str, ...] = ()
+    """Keys naming models it loads (a folder, a Hub id, ``builtin:``, ``@step``)."""
+    output: str | None = None
+    """Its output in the step's folder (``final``, ``data.parquet``); None: none."""
+    plan: Callable[[Any, Any, Step, Path], tuple[list[tuple[str, bool]], dict[str, Any]]] | None = None
+    """Instead of ``inputs`` / ``models``, for settings naming a config of their own (train: a stage file):
+    (settings, settings to fingerprint, step, step folder) -> (inputs, config to fingerprint)."""
+    every_rank: bool = False
+    """Runs on every process of a launcher (training); other kinds on rank 0 while the others wait."""
+
+    def inputs_of(self, settings: Any) -> list[tuple[str, bool]]:
+        """The paths and model ids ``settings`` (references resolved) reads, each with whether it is a model."""
+        found: list[tuple[str, bool]] = []
+        for key in (*self.models, *self.inputs):
+            value = getattr(settings, key)
+            values = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+            found += [(v.path if isinstance(v, SourceConfig) else v, key in self.models) for v in values]
+        return found
+
+
+STEP_KINDS: dict[str, StepKind] = {}
+"""Step kind name -> its declaration (the one table; filled by :func:`step_kind`)."""
+
+
+def step_kind(name: str, run: Callable[[Any], dict[str, Any]], **declaration: Any) -> Callable[[type], type]:
+    """Class decorator declaring a settings dataclass as the step kind ``name`` run by ``run``; ``declaration``: the
+    other fields of :class:`StepKind`. The class gets the declaration as ``step_kind``."""
+
+    def declare(settings: type) -> type:
+        if name in STEP_KINDS:
+            raise ValueError(f"step kind {name!r} is declared twice ({STEP_KINDS[name].settings.__name__}).")
+        settings.step_kind = STEP_KINDS[name] = StepKind(name, settings, run, **declaration)
+        return settings
+
+    return declare
+
+
+@step_kind("train", runners.run_train, output="final", plan=runners.plan_train, every_rank=True)
 @dataclass(frozen=True)
 class TrainStep:
     """Train one stage (:func:`kalm_st.recipe.build.run_stage`); output: the stage's ``final/`` model.
@@ -61,6 +112,7 @@ class TrainStep:
     set: dict[str, Any] = field(default_factory=dict)
 
 
+@step_kind("mine", runners.run_mine, models=("model",), inputs=("data", "sources", "corpus"), output=DATA_FILE)
 @dataclass(frozen=True)
 class MineStep:
     """Hard-negative mining with a model (:func:`kalm_st.data.mine_hard_negatives`); output: a training file.
@@ -89,6 +141,7 @@ class MineStep:
     seed: int = 0
 
 
+@step_kind("filter", runners.run_filter, models=("model",), inputs=("data", "sources", "corpus"), output=DATA_FILE)
 @dataclass(frozen=True)
 class FilterStep:
     """Ranking-consistency filtering (:func:`kalm_st.data.filter_by_rank`): drop rows whose positive is not in the
@@ -107,6 +160,7 @@ class FilterStep:
     chunk_size: int = 8192
 
 
+@step_kind("label", runners.run_label, inputs=("data",), output=DATA_FILE)
 @dataclass(frozen=True)
 class LabelStep:
     """Example-based multi-class labelling (:func:`kalm_st.data.label_examples`) of a labelled table (``data``: files,
@@ -121,6 +175,9 @@ class LabelStep:
     seed: int = 0
 
 
+@step_kind(
+    "teacher-score", runners.run_teacher_score, models=("teacher",), inputs=("data", "sources"), output=DATA_FILE
+)
 @dataclass(frozen=True)
 class TeacherScoreStep:
     """Teacher scores of each row's positive and negatives (:func:`kalm_st.data.score_with_teacher`) into ``label``;
@@ -143,6 +200,9 @@ class TeacherScoreStep:
     ``{step_dir}/flag_embedding/``."""
 
 
+@step_kind(
+    "teacher-embed", runners.run_teacher_embed, models=("teacher",), inputs=("data", "sources"), output=DATA_FILE
+)
 @dataclass(frozen=True)
 class TeacherEmbedStep:
     """Teacher embeddings of every text of each row (:func:`kalm_st.data.teacher_embeddings.embed_training_data`)
@@ -163,6 +223,7 @@ class TeacherEmbedStep:
     """How the input files' ``instruction`` column is read (as for the other curation steps)."""
 
 
+@step_kind("soup", runners.run_soup, models=("models",), output="final")
 @dataclass(frozen=True)
 class SoupStep:
     """Parameter average of models (:func:`kalm_st.recipe.soup.soup`); output: the souped model."""
@@ -171,6 +232,7 @@ class SoupStep:
     weights: tuple[float, ...] | None = None
 
 
+@step_kind("eval", runners.run_eval, models=("model",), inputs=("data_dir",), output="results")
 @dataclass(frozen=True)
 class EvalStep:
     """MTEB evaluation with the KaLM instructions (:func:`kalm_st.evaluation.evaluate_model`); output: mteb's results
@@ -184,6 +246,7 @@ class EvalStep:
     max_seq_length: int | None = None
 
 
+@step_kind("push", runners.run_push, models=("model",), inputs=("results",))
 @dataclass(frozen=True)
 class PushStep:
     """Model card + upload to the Hub (:func:`kalm_st.evaluation.hub.push_model`); needs the network and a token."""
@@ -193,19 +256,6 @@ class PushStep:
     private: bool = False
     results: str | None = None
 
-
-STEP_KINDS: Mapping[str, type] = {
-    "train": TrainStep,
-    "mine": MineStep,
-    "filter": FilterStep,
-    "label": LabelStep,
-    "teacher-score": TeacherScoreStep,
-    "teacher-embed": TeacherEmbedStep,
-    "soup": SoupStep,
-    "eval": EvalStep,
-    "push": PushStep,
-}
-"""Step kind -> its settings dataclass (the one explicit table; no string-to-class lookups elsewhere)."""
 
 _LIST_KEYS = ("data", "models", "tasks")  # a single value may be written without brackets
 
@@ -221,6 +271,13 @@ class Step:
     """Explicit output path (e.g. the final ``kalm-v2`` folder); default ``{output_dir}/{name}/...``."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The step's mapping as written (after ``--set``), for manifests."""
+
+    def output_path(self, step_dir: Path) -> Path | None:
+        """Where the step writes: ``output:``, else its kind's output in ``step_dir`` (None: it writes nothing)."""
+        if self.output is not None:
+            return Path(self.output)
+        output = STEP_KINDS[self.kind].output
+        return step_dir / output if output is not None else None
 
     def references(self) -> list[str]:
         """Names of the earlier steps this step reads (every ``@name`` in its settings)."""
@@ -314,16 +371,14 @@ def parse_step(raw: Any, index: int, source: str) -> Step:
     for key in _LIST_KEYS:
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
-    settings = _build(STEP_KINDS[kind], values, f"steps.{name}.", source)
+    settings = _build(STEP_KINDS[kind].settings, values, f"steps.{name}.", source)
     _check_values(settings, f"{source}: steps.{name}")
     return Step(name=name, kind=kind, settings=settings, output=output, raw=dict(raw))
 
 
 def _check_values(settings: Any, where: str) -> None:
     """Value checks the types cannot express (counts >= 1, ranges in order), each naming the key."""
-    if isinstance(settings, MineStep | FilterStep | TeacherScoreStep | TeacherEmbedStep) and not (
-        settings.data or settings.sources
-    ):
+    if "sources" in settings.step_kind.inputs and not (getattr(settings, "data", ()) or settings.sources):
         raise ConfigError(f"{where}: needs data (files or @steps) or sources (folders, globs, hf:// datasets).")
     for key in ("batch_size", "num_negatives", "top_k", "range_max", "chunk_size"):
         value = getattr(settings, key, None)
@@ -405,6 +460,7 @@ __all__ = [
     "RecipeError",
     "SoupStep",
     "Step",
+    "StepKind",
     "TeacherEmbedStep",
     "TeacherScoreStep",
     "TrainStep",
@@ -412,4 +468,5 @@ __all__ = [
     "load_recipe",
     "parse_step",
     "recipe_from_dict",
+    "step_kind",
 ]

@@ -39,8 +39,8 @@ from typing import Any
 
 from kalm_st.io import write_json_atomic
 from kalm_st.recipe.config import ConfigError
-from kalm_st.recipe.recipe import REFERENCE_PREFIX, Recipe, RecipeError, Step, is_reference
-from kalm_st.recipe.steps import RUNNERS, StepContext, default_output, stage_config, stage_inputs, step_inputs
+from kalm_st.recipe.recipe import REFERENCE_PREFIX, STEP_KINDS, Recipe, RecipeError, Step, is_reference
+from kalm_st.recipe.steps import StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _graph_problems(recipe: Recipe) -> list[str]:
             problems.append(f"{source}: steps[{index}]: two steps are named {step.name!r} (steps[{seen[step.name]}]).")
             continue
         seen[step.name] = index
-        output = default_output(step, Path(recipe.output_dir) / step.name)
+        output = step.output_path(Path(recipe.output_dir) / step.name)
         if output is not None:
             key = os.path.normpath(output)
             if key in outputs:
@@ -208,7 +208,7 @@ def plan_recipe(recipe: Recipe) -> tuple[list[StepPlan], list[str], list[str]]:
     unchecked: list[str] = []
     for step in recipe.steps:
         step_dir = Path(recipe.output_dir) / step.name
-        output = default_output(step, step_dir)
+        output = step.output_path(step_dir)
         produced = {str(path) for path in outputs.values()}
         bad_ref = [ref for ref in step.references() if ref not in fingerprints]
         if bad_ref:  # an earlier step failed to plan; its problem is already reported
@@ -216,13 +216,11 @@ def plan_recipe(recipe: Recipe) -> tuple[list[StepPlan], list[str], list[str]]:
         try:
             settings = _resolved_settings(step, outputs, fingerprints, as_path=True)
             hashed = _resolved_settings(step, outputs, fingerprints, as_path=False)
-            if step.kind == "train":
-                inputs = stage_inputs(stage_config(settings, step, step_dir))
-                resolved = stage_config(hashed, step, step_dir).to_dict()
-                resolved.pop("output_dir")
+            kind = STEP_KINDS[step.kind]
+            if kind.plan is not None:
+                inputs, resolved = kind.plan(settings, hashed, step, step_dir)
             else:
-                inputs = step_inputs(step, settings)
-                resolved = asdict(hashed)
+                inputs, resolved = kind.inputs_of(settings), asdict(hashed)
         except (ConfigError, FileNotFoundError) as error:
             problems.append(str(error))
             continue
@@ -245,8 +243,6 @@ def plan_recipe(recipe: Recipe) -> tuple[list[StepPlan], list[str], list[str]]:
                 problems.append(f"{recipe.path}: step {step.name!r}: input {value!r} does not exist.")
             else:
                 input_fingerprints[value] = path_fingerprint(value)
-        if step.kind == "train":
-            input_fingerprints[step.settings.config] = path_fingerprint(step.settings.config)
         resolved_config = {"kind": step.kind, "settings": resolved, "seed": recipe.seed}
         fingerprint = _sha256(json.dumps([resolved_config, input_fingerprints], sort_keys=True, default=str).encode())
         fingerprints[step.name] = fingerprint
@@ -388,7 +384,7 @@ def run_recipe(
                 raise ConfigError(
                     f"step {name!r} needs the output of step {ref!r}, which is not complete; run it first."
                 )
-        if not main and plan.step.kind != "train":
+        if not main and not STEP_KINDS[plan.step.kind].every_rank:
             logger.info("step %s (%s): runs on rank 0; rank %d waits", name, plan.step.kind, rank)
             _wait_for(plan, "manifest")
             report.status[name] = "ran on rank 0"
@@ -403,7 +399,7 @@ def run_recipe(
         context = StepContext(
             plan.step, plan.settings, plan.step_dir, plan.output, builtin_dir, resume, recipe.seed, main
         )
-        summary = RUNNERS[plan.step.kind](context)
+        summary = STEP_KINDS[plan.step.kind].run(context)
         seconds = time.perf_counter() - begin
         if not main:
             _wait_for(plan, "manifest")

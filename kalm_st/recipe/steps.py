@@ -1,4 +1,4 @@
-"""What each step kind of a recipe does: its inputs, its output, and how it runs (one function per kind).
+"""What each step kind of a recipe does: one runner per kind (declared by :func:`kalm_st.recipe.recipe.step_kind`).
 
 Every function takes a :class:`StepContext` (the step with its ``@step`` references already replaced by paths) and
 returns a small summary (row counts, scores) that goes into the step's manifest. Outputs are written atomically, so a
@@ -14,10 +14,12 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kalm_st.recipe.config import ConfigError, StageConfig, parse_yaml
-from kalm_st.recipe.recipe import Step
+
+if TYPE_CHECKING:  # recipe.py declares each kind with its runner from here: it imports this module, not back
+    from kalm_st.recipe.recipe import Step
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +61,6 @@ class StepContext:
     @property
     def teacher_cache(self) -> Path:
         return self.cache_dir or self.step_dir / "cache"
-
-
-def default_output(step: Step, step_dir: Path) -> Path | None:
-    if step.output is not None:
-        return Path(step.output)
-    if step.kind in ("train", "soup"):
-        return step_dir / "final"
-    if step.kind in ("mine", "filter", "label", "teacher-score", "teacher-embed"):
-        return step_dir / DATA_FILE
-    if step.kind == "eval":
-        return step_dir / "results"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -180,6 +170,22 @@ def _write(data: Any, output: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _encoding_in_cpu_bf16(run: Callable[[StepContext], dict[str, Any]]) -> Callable[[StepContext], dict[str, Any]]:
+    """Run an encoding step under CPU bf16 autocast where the CPU computes bf16 fast (AMX), as training does with
+    ``args.bf16: auto``; fp32 elsewhere (``kalm_st.precision``). A GPU model is already in its own dtype. Teacher
+    scores and embeddings stay in fp32."""
+
+    def wrapped(ctx: StepContext) -> dict[str, Any]:
+        import torch
+
+        from kalm_st.precision import cpu_autocast
+
+        with cpu_autocast("auto" if not torch.cuda.is_available() else False):
+            return run(ctx)
+
+    return wrapped
+
+
 def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``patch`` merged in, JSON merge-patch style (RFC 7386): mappings merge key by key, a ``null``
     value deletes the key (e.g. ``data: {tasks: {sts: null}}`` drops a task of the stage file), anything else
@@ -208,21 +214,22 @@ def stage_config(settings: Any, step: Step, step_dir: Path) -> StageConfig:
     return StageConfig.from_dict(merged, f"{path} (step {step.name!r} of the recipe)")
 
 
-def stage_inputs(config: StageConfig) -> list[tuple[str, bool]]:
-    """Every path or model id a stage reads, each with whether it is a model: its starting model, its data files."""
-    inputs: list[tuple[str, bool]] = []
-    if config.model is not None:
-        inputs.append((config.model.init_from, True))
+def plan_train(
+    settings: Any, hashed: Any, step: Step, step_dir: Path
+) -> tuple[list[tuple[str, bool]], dict[str, Any]]:
+    """A train step's inputs (starting model, data files, stage file; each with whether it is a model) and the config
+    its fingerprint hashes: the merged stage config (``hashed``: the settings with ``@step`` as ``@step#fingerprint``)."""
+    config = stage_config(settings, step, step_dir)
+    inputs = [(config.model.init_from, True)] if config.model is not None else []
     if config.data is not None:
-        inputs += [(task.path, False) for task in config.data.tasks.values()]
-        inputs += [(task.path, False) for task in config.data.eval_tasks.values()]
-        inputs += [(source.path, False) for source in config.data.sources]
-    return inputs
+        reads = [*config.data.tasks.values(), *config.data.eval_tasks.values(), *config.data.sources]
+        inputs += [(task.path, False) for task in reads]
+    resolved = stage_config(hashed, step, step_dir).to_dict()
+    resolved.pop("output_dir")
+    return [*inputs, (settings.config, False)], resolved
 
 
 def run_train(ctx: StepContext) -> dict[str, Any]:
-    import dataclasses
-
     from kalm_st.io import atomic_directory
     from kalm_st.model_source import builtin_folder
     from kalm_st.recipe.backbones import BUILTIN_PREFIX
@@ -253,6 +260,7 @@ def _write_cards(*folders: Path | None) -> None:
         write_model_card(folder)
 
 
+@_encoding_in_cpu_bf16
 def run_mine(ctx: StepContext) -> dict[str, Any]:
     from datasets import DatasetDict
 
@@ -286,6 +294,7 @@ def run_mine(ctx: StepContext) -> dict[str, Any]:
     return {"rows": _write(out, ctx.output)}
 
 
+@_encoding_in_cpu_bf16
 def run_filter(ctx: StepContext) -> dict[str, Any]:
     from datasets import DatasetDict
 
@@ -415,6 +424,7 @@ def run_soup(ctx: StepContext) -> dict[str, Any]:
     return {"models": list(s.models)}
 
 
+@_encoding_in_cpu_bf16
 def run_eval(ctx: StepContext) -> dict[str, Any]:
     from kalm_st.evaluation import evaluate_model
     from kalm_st.io import write_json_atomic
@@ -451,62 +461,6 @@ def run_push(ctx: StepContext) -> dict[str, Any]:
     return {"url": result.url, "files": len(result.files)}
 
 
-def _encoding_in_cpu_bf16(run: Callable[[StepContext], dict[str, Any]]) -> Callable[[StepContext], dict[str, Any]]:
-    """Run an encoding step under CPU bf16 autocast where the CPU computes bf16 fast (AMX), as training does with
-    ``args.bf16: auto``; fp32 elsewhere (``kalm_st.precision``). A GPU model is already in its own dtype."""
-
-    def wrapped(ctx: StepContext) -> dict[str, Any]:
-        import torch
-
-        from kalm_st.precision import cpu_autocast
-
-        with cpu_autocast("auto" if not torch.cuda.is_available() else False):
-            return run(ctx)
-
-    return wrapped
-
-
-RUNNERS: Mapping[str, Callable[[StepContext], dict[str, Any]]] = {
-    "train": run_train,
-    "mine": _encoding_in_cpu_bf16(run_mine),
-    "filter": _encoding_in_cpu_bf16(run_filter),
-    "label": run_label,
-    "teacher-score": run_teacher_score,  # teacher scores stay in fp32
-    "teacher-embed": run_teacher_embed,  # teacher embeddings too
-    "soup": run_soup,
-    "eval": _encoding_in_cpu_bf16(run_eval),
-    "push": run_push,
-}
-
-
-_MODEL_FIELDS = ("model", "models", "teacher")
-_INPUT_FIELDS: Mapping[str, tuple[str, ...]] = {
-    "mine": ("model", "data", "sources", "corpus"),
-    "filter": ("model", "data", "sources", "corpus"),
-    "label": ("data",),
-    "teacher-score": ("teacher", "data", "sources"),
-    "teacher-embed": ("teacher", "data", "sources"),
-    "soup": ("models",),
-    "eval": ("model", "data_dir"),
-    "push": ("model", "results"),
-}
-
-
-def step_inputs(step: Step, settings: Any) -> list[tuple[str, bool]]:
-    """The paths and model ids a step reads (references already resolved), each with whether it is a model; for
-    fingerprints and ``--dry-run``. Train steps: :func:`stage_inputs`."""
-    inputs: list[tuple[str, bool]] = []
-    for name in _INPUT_FIELDS[step.kind]:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if name == "sources":
-            values = [source.path for source in values]
-        inputs += [(v, name in _MODEL_FIELDS) for v in values]
-    return inputs
-
-
 def read_scores(step_dir: Path) -> dict[str, float]:
     path = step_dir / SCORES_FILE
     return json.loads(path.read_text(encoding="utf8")) if path.is_file() else {}
@@ -514,13 +468,10 @@ def read_scores(step_dir: Path) -> dict[str, float]:
 
 __all__ = [
     "DATA_FILE",
-    "RUNNERS",
     "StepContext",
     "deep_merge",
-    "default_output",
     "load_encoder",
+    "plan_train",
     "read_scores",
     "stage_config",
-    "stage_inputs",
-    "step_inputs",
 ]
