@@ -223,12 +223,6 @@ def local_model_folder(value: str | os.PathLike[str], what: str = "Model") -> Pa
     raise FileNotFoundError(f"{what} {text!r} does not exist{offline}{hint}.")
 
 
-def check_model_path(model: str | os.PathLike[str]) -> str:
-    """``model`` as given, once :func:`local_model_folder` has turned a common slip into one line."""
-    local_model_folder(model, "Model")
-    return os.fspath(model)
-
-
 def build_model(
     backbone: str | os.PathLike[str] | PretrainedConfig = DEFAULT_BACKBONE,
     *,

@@ -313,17 +313,11 @@ class EmbeddingDistillation(CachedLossMixin, nn.Module):
 def distillation_losses(
     losses: nn.Module | Mapping[str, nn.Module] | Iterable[nn.Module],
 ) -> list[EmbeddingDistillation]:
-    """Every distinct ``EmbeddingDistillation`` reachable from ``losses`` (wrappers such as MatryoshkaLoss included)."""
-    if isinstance(losses, nn.Module):
-        losses = [losses]
-    elif isinstance(losses, Mapping):
-        losses = list(losses.values())
-    found: list[EmbeddingDistillation] = []
-    for loss in losses:
-        for module in loss.modules():
-            if isinstance(module, EmbeddingDistillation) and all(module is not other for other in found):
-                found.append(module)
-    return found
+    """Every distinct ``EmbeddingDistillation`` reachable from ``losses`` (wrappers such as MatryoshkaLoss included),
+    in :func:`kalm_st.loss_state.loss_state_holders`' order."""
+    from kalm_st.loss_state import loss_state_holders
+
+    return [holder for holder in loss_state_holders(losses) if isinstance(holder, EmbeddingDistillation)]
 
 
 __all__ = ["EmbeddingDistillation", "distillation_losses"]
