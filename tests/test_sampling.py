@@ -4,7 +4,6 @@ real 2-process gloo run through the ST trainer (spawned once for the module: sta
 from __future__ import annotations
 
 import os
-import socket
 from bisect import bisect_right
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Sequential
 
 from kalm_st.data import build_training_prompts
 from kalm_st.sampling import SamplerEpochCallback, TaskHomogeneousBatchSampler, text_lengths
+from tests.ports import free_port
 
 SIZES = {"A": 40, "B": 24, "C": 17}
 
@@ -272,12 +272,6 @@ def test_build_stage_registers_the_epoch_callback(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _trained_rows(model_dir: str, out_dir: str) -> dict[str, list[list[int]]]:
     """Rows per step of a 2-epoch run and of a run resumed from its checkpoint at step 7 (inside epoch 1)."""
     from sentence_transformers import (
@@ -372,7 +366,7 @@ def gloo_run(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     folder = tmp_path_factory.mktemp("gloo-run")
     model_dir = folder / "model"
     build_model(tiny_qwen_dir, dtype="float32", device="cpu").save(str(model_dir))
-    mp.spawn(_worker, args=(2, _free_port(), str(model_dir), str(folder)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(model_dir), str(folder)), nprocs=2, join=True)
     return torch.load(folder / "result.pt")
 
 

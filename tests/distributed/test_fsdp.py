@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,23 +21,18 @@ import pytest
 import torch
 
 from tests.losses._helpers import LOSS_ATOL, LOSS_RTOL
+from tests.ports import free_port
 from tests.recipe.conftest import CONFIG_DIR, write_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(script: str, *arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(HERE / script), *arguments,
+        "--master_port", str(free_port()), str(HERE / script), *arguments,
     ]  # fmt: skip
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -164,7 +158,7 @@ def _start(tmp_path: Path, out: Path, resume: bool, kill_at: int, tiny_qwen_dir:
     ]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(HERE / "_resume_worker.py"), str(CONFIG_DIR / "tiny_smoke.yaml"),
+        "--master_port", str(free_port()), str(HERE / "_resume_worker.py"), str(CONFIG_DIR / "tiny_smoke.yaml"),
         str(int(resume)), str(kill_at), *overrides,
     ]  # fmt: skip
     return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,9 @@ import torch
 
 from tests.losses._ddp_worker import columns_for, make_losses
 from tests.losses._helpers import assert_same_loss_and_grads, featurize
+from tests.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_gather_equals_one_process(tiny_model, tiny_qwen_dir, tmp_path) -> None:
@@ -27,7 +21,7 @@ def test_two_process_gather_equals_one_process(tiny_model, tiny_qwen_dir, tmp_pa
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(REPO_ROOT / "tests" / "losses" / "_ddp_worker.py"),
+        "--master_port", str(free_port()), str(REPO_ROOT / "tests" / "losses" / "_ddp_worker.py"),
         str(tiny_qwen_dir), str(out),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -79,7 +73,7 @@ def test_two_processes_keep_one_projection(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(REPO_ROOT / "tests" / "losses" / "_ddp_projection_worker.py"),
+        "--master_port", str(free_port()), str(REPO_ROOT / "tests" / "losses" / "_ddp_projection_worker.py"),
         str(CONFIG_DIR / "tiny_smoke.yaml"), str(out), *overrides,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

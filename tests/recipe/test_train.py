@@ -14,6 +14,7 @@ from kalm_st.cli import main
 from kalm_st.recipe.build import build_stage, last_complete_checkpoint, run_stage
 from kalm_st.recipe.checkpoints import recorded_run
 from kalm_st.recipe.config import ConfigError, load_config
+from tests.ports import free_port
 
 from .conftest import CONFIG_DIR, REPO_ROOT, write_rows
 
@@ -214,7 +215,7 @@ def test_torchrun_two_processes_with_cross_device_negatives(tmp_path: Path) -> N
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         str(Path(sys.executable).parent / "kalm-st"),  # the installed console script, as users run it
         "train",
         str(CONFIG_DIR / "tiny_smoke.yaml"),
