@@ -142,31 +142,35 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         json.dump(data, handle, indent=2, sort_keys=True)
 
 
-class OutputPathError(OSError):
-    """An output path that cannot be written, found before any work is done."""
+class OutputPathError(PermissionError):
+    """An output path that cannot be written, found before any work is done (a ``PermissionError`` whatever the
+    cause: read-only, a file in the way, a missing mount)."""
 
 
-def check_output_path(path: str | os.PathLike[str], *, folder: bool = False) -> Path:
+def check_output_path(path: str | os.PathLike[str], *, folder: bool = False, name: str = "output") -> Path:
     """Prove that ``path`` (a file, or a folder with ``folder=True``) can be written, before the work that fills it.
 
-    Creates the missing parent folders and a probe file beside the target (removed at once). Raises
-    :class:`OutputPathError` with one line naming the path and the reason.
+    Creates the missing folders (the folder itself, or a file's parent) and a probe file in it, removed at once.
+    Raises :class:`OutputPathError` with one line, ``{name} '{path}' is not writable ({reason})``; every command
+    and step that writes a result checks its output this way.
     """
     target = Path(path)
     where = target if folder else target.parent
     if not folder and target.is_dir():
         raise OutputPathError(
-            f"Output {str(target)!r} is a folder; give a file name (e.g. {target / 'data.parquet'})."
+            f"{name} {str(target)!r} is a folder; give a file name (e.g. {target / 'data.parquet'})."
         )
     if folder and target.exists() and not target.is_dir():
-        raise OutputPathError(f"Output folder {str(target)!r} is a file.")
+        raise OutputPathError(f"{name} {str(target)!r} is not writable (it is a file, not a folder)")
     try:
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=where, prefix=".write-test-"):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise OutputPathError(f"Cannot write the output {str(target)!r}: {reason} (in {str(where)!r}).") from None
+        if where != target:
+            reason += f" in {str(where)!r}"
+        raise OutputPathError(f"{name} {str(target)!r} is not writable ({reason})") from None
     return target
 
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from mteb.models import ModelMeta, SentenceTransformerEncoderWrapper
 
 from kalm_st.evaluation.tasks import LOCAL_TASKS, resolve_tasks
 from kalm_st.instructions import build_prompts
-from kalm_st.io import write_text_atomic
+from kalm_st.io import check_output_path, write_text_atomic
 
 if TYPE_CHECKING:
     from mteb.abstasks.abstask import AbsTask
@@ -113,18 +112,6 @@ class EvaluationRun:
     """:func:`model_fingerprint` of the evaluated model."""
     reused: list[str] = field(default_factory=list)
     """Tasks whose scores were read back from an earlier run of this same model (not recomputed)."""
-
-
-def check_writable(output_dir: str | os.PathLike[str]) -> Path:
-    """Create ``output_dir`` if needed and prove it is writable, with a clear ``PermissionError`` if not."""
-    folder = Path(output_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise PermissionError(f"Output directory {str(folder)!r} is not writable: {error.strerror or error}") from None
-    return folder
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
@@ -262,7 +249,7 @@ def evaluate_model(
 
     if (tasks is None) == (benchmark is None):
         raise ValueError("Give either `tasks` or `benchmark`.")
-    output = check_writable(output_dir)
+    output = check_output_path(output_dir, folder=True, name="Output directory")
     if benchmark is not None:
         task_objects = resolve_tasks(benchmark=benchmark, data_dir=data_dir)
     else:
@@ -366,7 +353,6 @@ __all__ = [
     "PROVENANCE_FILE",
     "EvaluationRun",
     "InstructedEncoder",
-    "check_writable",
     "default_model_name",
     "evaluate_model",
     "model_fingerprint",

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from kalm_st.data.tasks import resolve_tasks
-from kalm_st.io import write_text_atomic
+from kalm_st.io import check_output_path, write_text_atomic
 from kalm_st.precision import use_bf16
 from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
 from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, LossName, StageConfig
@@ -499,17 +498,7 @@ def run_stage(
 def _check_writable(config: StageConfig) -> None:
     """Fail before loading anything when ``output_dir`` cannot take files, not at the first checkpoint; on the main
     process, remove the temporary folders of saves that a killed run left behind (atomic saves write beside)."""
-    folder = Path(config.output_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        wrapped = type(error)(
-            f"{config.source}: output_dir {str(folder)!r} is not writable ({error.strerror or error})"
-        )
-        wrapped.errno = error.errno
-        raise wrapped from error
+    folder = check_output_path(config.output_dir, folder=True, name=f"{config.source}: output_dir")
     if int(os.environ.get("RANK", "0")) == 0:
         for stale in folder.glob(".*.tmp-*"):
             if stale.is_dir():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from kalm_st.io import atomic_directory, write_json_atomic
+from kalm_st.io import atomic_directory, check_output_path, write_json_atomic
 from kalm_st.serving.onnx_encoder import MANIFEST_NAME, ONNXEncoder
 
 logger = logging.getLogger(__name__)
@@ -82,18 +81,6 @@ class ONNXExportResult:
     files: dict[str, Path]
     parity: dict[str, ParityReport]
     seconds: float
-
-
-def _check_destination(folder: Path) -> None:
-    """Prove ``folder`` can be created and written before any slow work, with a ``PermissionError`` naming it."""
-    if folder.exists() and not folder.is_dir():
-        raise PermissionError(f"Destination {str(folder)!r} exists and is not a folder.")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)  # the graphs are written to a sibling, then moved in
-        with tempfile.NamedTemporaryFile(dir=folder.parent, prefix=f".{folder.name}.write-test-"):
-            pass
-    except OSError as error:
-        raise PermissionError(f"Destination {str(folder)!r} is not writable: {error.strerror or error}") from None
 
 
 def _load(model_path: Path):
@@ -241,7 +228,7 @@ def export_onnx(
     if not source.exists():
         raise FileNotFoundError(f"Model folder {str(source)!r} does not exist.")
     destination = Path(output_dir) if output_dir is not None else source / "onnx"
-    _check_destination(destination)
+    check_output_path(destination, folder=True, name="Destination")
     try:
         import onnxruntime
     except ImportError as error:
