@@ -86,7 +86,12 @@ def find_training_configs(model_dir: str | os.PathLike[str]) -> list[dict[str, A
                 configs.append(config)
                 sources = [((config.get("model") or {}).get("init_from"))]
                 sources += list((config.get("soup") or {}).get("models") or [])
-                pending.extend(Path(s) for s in sources if s and Path(s).exists())
+                # a stage's final/ may be gone (a recipe's keep_intermediate_models: false); its record stays beside it
+                pending.extend(
+                    Path(s)
+                    for s in sources
+                    if s and (Path(s).exists() or (Path(s).parent / RESOLVED_CONFIG_NAME).is_file())
+                )
                 break
     return list(reversed(configs))
 

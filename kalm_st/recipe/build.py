@@ -350,9 +350,8 @@ def _split_groups(datasets: Any) -> tuple[Any, dict[str, Any]]:
 
 def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: bool = False) -> StageRun:
     """Build model, datasets, losses, arguments and trainer of a training stage (nothing is trained)."""
-    from sentence_transformers import SentenceTransformerTrainer
-
     from kalm_st.loss_state import LossStateCallback, loss_state_holders
+    from kalm_st.recipe.trainer import KaLMTrainer
     from kalm_st.sampling import SamplerEpochCallback
 
     assert config.data is not None
@@ -398,7 +397,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
         callbacks.append(FalseNegativeLoggingCallback(losses))
     callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks
     trainer_kwargs: dict[str, Any] = {}
-    trainer_class = SentenceTransformerTrainer
+    trainer_class = KaLMTrainer
     if config.sharding is not None and config.sharding.strategy == "fsdp2" and not dry_run:
         from kalm_st.distributed.sharded_trainer import ShardedTrainer
 
@@ -488,6 +487,10 @@ def run_stage(
         from kalm_st.distributed.final_save import save_final_model
 
         save_final_model(trainer, run.model, final, config)  # atomic and portable; gathers a sharded model once
+        if trainer.is_world_process_zero() and (final / "modules.json").is_file():
+            from kalm_st.evaluation.hub import write_model_card
+
+            write_model_card(final)  # kalm-st's card (stages, data, instructions) in place of the automatic one
     except Exception as error:
         if _is_write_failure(error):
             raise _write_failure(config, error) from error
