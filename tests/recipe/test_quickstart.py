@@ -21,6 +21,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from kalm_st.cli import main
+from kalm_st.evaluation.hub import find_training_configs
 from kalm_st.recipe.runner import MANIFEST
 
 from .conftest import REPO_ROOT
@@ -133,6 +134,9 @@ def test_quickstart_keeps_one_model_and_a_second_run_skips_every_step(quickstart
     card = (root / "kalm-v2" / "README.md").read_text()
     assert "sentence_transformers_model_id" not in card
     assert "### Stage 1: pretrain" in card and "### Stage 3: distill" in card
+    # a card built later (kalm-st push) still finds every stage, from the records beside the removed final/ folders
+    stages = [config.get("stage") for config in find_training_configs(root / "kalm-v2")]
+    assert sorted(stages) == ["distill", "finetune", "pretrain", "soup"]
 
     stdout = io.StringIO()
     cwd = os.getcwd()
