@@ -138,6 +138,20 @@ class KaLMSentenceTransformer(SentenceTransformer):
             )
             make_portable(tmp)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Any = None, **kwargs: Any) -> None:
+        """Recompute each backbone layer's activations in the backward (``args.activation_checkpointing``).
+
+        transformers 5's Trainer calls this name and warns when a model only has the deprecated
+        ``gradient_checkpointing_enable`` (sentence-transformers 6.2's); each transformers model inside gets its own
+        ``activation_checkpointing_enable``, as sentence-transformers' method does with the old name.
+        """
+        for module in self.modules():
+            if module is self or not hasattr(module, "activation_checkpointing_enable"):
+                continue
+            if getattr(module, "supports_gradient_checkpointing", True) is False:
+                continue
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
     def encode(self, inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
         _check_text_inputs(inputs if inputs is not None else kwargs.get("sentences"))
         return super().encode(inputs, *args, **kwargs)

@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from sentence_transformers import SentenceTransformerTrainer
 from torch import nn
 from transformers import Trainer
 
 from kalm_st.distributed.sharding import meta_copy, shard_model
 from kalm_st.recipe.config import ShardingConfig
+from kalm_st.recipe.trainer import KaLMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _state_module(trainer: Trainer) -> nn.Module:
     return nn.ModuleDict({"model": trainer.model, "losses": nn.ModuleDict(losses)})
 
 
-class ShardedTrainer(SentenceTransformerTrainer):
+class ShardedTrainer(KaLMTrainer):
     """A ``SentenceTransformerTrainer`` that trains its model under FSDP2 (``sharding: {strategy: fsdp2}``)."""
 
     def __init__(self, *args: Any, sharding: ShardingConfig, source: str = "<config>", **kwargs: Any) -> None:

@@ -65,7 +65,11 @@ def shard_model(model: nn.Module, sharding: ShardingConfig, *, cuda: bool) -> nn
     from torch.distributed.fsdp import fully_shard
 
     if sharding.activation_checkpointing:  # transformers' own, per decoder layer; non-reentrant works under FSDP2
-        backbone_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone = backbone_of(model)
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+            backbone.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     options = {
         "mp_policy": mixed_precision_policy(sharding.mixed_precision, cuda),
         "reshard_after_forward": sharding.reshard_after_forward,

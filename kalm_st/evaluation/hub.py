@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+TRAINING_DATA_NAME = "training_data.yaml"  # kalm_st.recipe.config's name (not imported: no torch at card time)
 
 MRL_BIBTEX = """
 @inproceedings{kusupati2022matryoshka,
@@ -83,10 +84,19 @@ def find_training_configs(model_dir: str | os.PathLike[str]) -> list[dict[str, A
             if candidate.is_file() and candidate.resolve() not in seen:
                 seen.add(candidate.resolve())
                 config = yaml.safe_load(candidate.read_text(encoding="utf8")) or {}
+                data_record = candidate.parent / TRAINING_DATA_NAME  # rows and instructions, written by the stage
+                if data_record.is_file():
+                    tasks = (yaml.safe_load(data_record.read_text(encoding="utf8")) or {}).get("tasks") or {}
+                    config = {**config, "training_data": tasks}
                 configs.append(config)
                 sources = [((config.get("model") or {}).get("init_from"))]
                 sources += list((config.get("soup") or {}).get("models") or [])
-                pending.extend(Path(s) for s in sources if s and Path(s).exists())
+                # a stage's final/ may be gone (a recipe's keep_intermediate_models: false); its record stays beside it
+                pending.extend(
+                    Path(s)
+                    for s in sources
+                    if s and (Path(s).exists() or (Path(s).parent / RESOLVED_CONFIG_NAME).is_file())
+                )
                 break
     return list(reversed(configs))
 
@@ -163,8 +173,17 @@ def _recipe_section(configs: Sequence[Mapping[str, Any]], architecture: str = "t
         if matryoshka.get("enabled"):
             parts.append(f"- **Matryoshka**: dims `{matryoshka.get('dims')}`, weights `{matryoshka.get('weights')}`")
         data = config.get("data") or {}
-        for name, task in (data.get("tasks") or {}).items():
-            parts.append(f"- **Data** `{name}`: `{task.get('path')}` ({task.get('type')})")
+        trained_on = config.get("training_data") or {}
+        if trained_on:
+            parts.append("- **Data** (rows trained on, after the stage's filtering and sampling):\n")
+            parts.append("  | task | type | source | rows |\n  |---|---|---|---:|")
+            for name, task in trained_on.items():
+                source = f"`{task.get('path')}`" + (f" @ `{task['revision']}`" if task.get("revision") else "")
+                parts.append(f"  | {name} | {task.get('type') or 'Retrieval'} | {source} | {task.get('rows')} |")
+            parts.append("")
+        else:
+            for name, task in (data.get("tasks") or {}).items():
+                parts.append(f"- **Data** `{name}`: `{task.get('path')}` ({task.get('type')})")
         soup = config.get("soup") or {}
         if soup:
             parts.append(
@@ -184,6 +203,30 @@ def _recipe_section(configs: Sequence[Mapping[str, Any]], architecture: str = "t
             parts.append(f"- **Hyperparameters**: {hyper}")
         parts.append("")
     return "\n".join(parts) + "\n"
+
+
+def _instructions_section(configs: Sequence[Mapping[str, Any]]) -> str:
+    """The instruction each training task's texts were given, per column, in the stages' own records."""
+    columns: dict[tuple[str, str], list[str]] = {}  # (task, instruction) -> the columns that got it
+    for config in configs:
+        for task, record in (config.get("training_data") or {}).items():
+            for column, prompt in (record.get("instructions") or {}).items():
+                named = columns.setdefault((task, prompt or ""), [])
+                if column not in named:
+                    named.append(column)
+    if not columns:
+        return ""
+    lines = [
+        "## Instructions used in training\n",
+        "Each training text was prefixed with its task's instruction (none: the text as it is). The model's",
+        "`prompts` carry the same instructions, and those of other tasks, for encoding and MTEB evaluation.\n",
+        "| task | columns | instruction |",
+        "|---|---|---|",
+    ]
+    for (task, prompt), named in columns.items():
+        shown = prompt.replace("\n", "\\n").replace("|", "\\|")
+        lines.append(f"| {task} | {', '.join(named)} | {f'`{shown}`' if prompt else 'none'} |")
+    return "\n".join(lines) + "\n\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,7 +465,7 @@ pair = model.encode(["A man plays a guitar.", "Someone is playing guitar."], pro
 
 {serving_section(repo_id, query_prompt)}
 {_recipe_section(training_configs, architecture_of(model))}
-## MTEB results
+{_instructions_section(training_configs)}## MTEB results
 
 {results_table or "No MTEB results were supplied."}
 ## License

@@ -9,7 +9,9 @@ languages, parameter count, Matryoshka dims, training datasets and the instructi
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,18 @@ if TYPE_CHECKING:
 
 KALM_REFERENCE = "https://arxiv.org/abs/2506.20923"
 MATRYOSHKA_DIMS: tuple[int, ...] = (896, 512, 256, 128, 64)
+
+
+@contextmanager
+def mteb_reading_st_meta() -> Iterator[None]:
+    """Silence the one FutureWarning mteb's ``ModelMeta.from_sentence_transformer_model`` raises through no fault of
+    ours: mteb 2.26 calls sentence-transformers' renamed ``get_sentence_embedding_dimension`` (now
+    ``get_embedding_dimension``). Only that message is ignored, only around mteb's call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The `get_sentence_embedding_dimension` method has been renamed", category=FutureWarning
+        )
+        yield
 
 
 def matryoshka_dims(full_dim: int, dims: Iterable[int] = MATRYOSHKA_DIMS) -> list[int]:
@@ -60,7 +74,8 @@ def build_model_meta(
         license, reference, public_training_code, citation: Passed to ``ModelMeta``.
         matryoshka: Record the Matryoshka dims (full dim first) as ``embed_dim``.
     """
-    base = ModelMeta.from_sentence_transformer_model(model, fill_missing=None)
+    with mteb_reading_st_meta():
+        base = ModelMeta.from_sentence_transformer_model(model, fill_missing=None)
     full_dim = int(model.get_embedding_dimension() or 0)
     prompt_table = dict(model.prompts if prompts is None else prompts)
     non_empty = {k: v for k, v in prompt_table.items() if v}

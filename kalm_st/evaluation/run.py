@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from mteb.models import ModelMeta, SentenceTransformerEncoderWrapper
 
+from kalm_st.evaluation.meta import mteb_reading_st_meta
 from kalm_st.evaluation.tasks import LOCAL_TASKS, resolve_tasks
 from kalm_st.instructions import build_prompts
 from kalm_st.io import check_output_path, write_text_atomic
@@ -89,7 +90,8 @@ class InstructedEncoder(SentenceTransformerEncoderWrapper):
         saved = model.prompts
         model.prompts = {}  # keep the stock validation (and its warnings) off the table; restored below
         try:
-            super().__init__(model)
+            with mteb_reading_st_meta():  # the stock wrapper builds its own ModelMeta from the model
+                super().__init__(model)
         finally:
             model.prompts = saved
         self.model_prompts = dict(prompts) if prompts else dict(NO_PROMPTS)

@@ -5,6 +5,7 @@ save. The ``kalm-st train`` command is a thin wrapper around :func:`run_stage`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -17,13 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from kalm_st.data.tasks import resolve_tasks
 from kalm_st.io import check_output_path, write_text_atomic
 from kalm_st.precision import use_bf16
 from kalm_st.recipe.checkpoints import RunInfoCallback, check_resume, last_complete_checkpoint, scan_checkpoints
-from kalm_st.recipe.config import RESOLVED_CONFIG_NAME, ConfigError, LossConfig, LossName, StageConfig
+from kalm_st.recipe.config import (
+    RESOLVED_CONFIG_NAME,
+    TRAINING_DATA_NAME,
+    ConfigError,
+    LossConfig,
+    LossName,
+    StageConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +295,8 @@ class StageRun:
     losses: dict[str, nn.Module]
     args: Any
     trainer: Any
+    tasks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The training tasks as loaded (:class:`kalm_st.data.tasks.TaskSource`: path, type, revision)."""
 
 
 def training_arguments(
@@ -349,9 +360,8 @@ def _split_groups(datasets: Any) -> tuple[Any, dict[str, Any]]:
 
 def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: bool = False) -> StageRun:
     """Build model, datasets, losses, arguments and trainer of a training stage (nothing is trained)."""
-    from sentence_transformers import SentenceTransformerTrainer
-
     from kalm_st.loss_state import LossStateCallback, loss_state_holders
+    from kalm_st.recipe.trainer import KaLMTrainer
     from kalm_st.sampling import SamplerEpochCallback
 
     assert config.data is not None
@@ -397,7 +407,7 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
         callbacks.append(FalseNegativeLoggingCallback(losses))
     callbacks.append(RunInfoCallback(args.world_size, config.to_dict()))  # what --resume checks
     trainer_kwargs: dict[str, Any] = {}
-    trainer_class = SentenceTransformerTrainer
+    trainer_class = KaLMTrainer
     if config.sharding is not None and config.sharding.strategy == "fsdp2" and not dry_run:
         from kalm_st.distributed.sharded_trainer import ShardedTrainer
 
@@ -411,12 +421,32 @@ def build_stage(config: StageConfig, *, callbacks: Sequence[Any] = (), dry_run: 
         callbacks=callbacks,
         **trainer_kwargs,
     )
-    return StageRun(config, model, train_dataset, eval_dataset, losses, args, trainer)
+    return StageRun(config, model, train_dataset, eval_dataset, losses, args, trainer, train_tasks)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints and running
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_training_data(run: StageRun) -> Path:
+    """Write ``{output_dir}/training_data.yaml``: per task its source, type, rows trained on and the instruction each
+    column was given (the model card's data and instruction tables; main process only)."""
+    prompts = run.args.prompts if isinstance(run.args.prompts, dict) else {}
+    record = {}
+    for name, dataset in run.train_dataset.items():
+        task = run.tasks.get(name)
+        task_prompts = prompts.get(name)
+        record[name] = {
+            "path": getattr(task, "path", None),
+            "revision": getattr(task, "revision", None),
+            "type": getattr(task, "type", None),
+            "rows": len(dataset),
+            "instructions": dict(task_prompts) if isinstance(task_prompts, dict) else {},
+        }
+    path = Path(run.config.output_dir) / TRAINING_DATA_NAME
+    write_text_atomic(path, yaml.safe_dump({"tasks": record}, sort_keys=False, allow_unicode=True))
+    return path
 
 
 def save_resolved_config(config: StageConfig) -> Path:
@@ -478,6 +508,7 @@ def run_stage(
     trainer = run.trainer
     if trainer.is_world_process_zero():
         save_resolved_config(config)
+        save_training_data(run)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
         load_loss_state(loss_state_holders(run.losses), checkpoint)
@@ -487,6 +518,10 @@ def run_stage(
         from kalm_st.distributed.final_save import save_final_model
 
         save_final_model(trainer, run.model, final, config)  # atomic and portable; gathers a sharded model once
+        if trainer.is_world_process_zero() and (final / "modules.json").is_file():
+            from kalm_st.evaluation.hub import write_model_card
+
+            write_model_card(final)  # kalm-st's card (stages, data, instructions) in place of the automatic one
     except Exception as error:
         if _is_write_failure(error):
             raise _write_failure(config, error) from error
@@ -546,5 +581,6 @@ __all__ = [
     "matryoshka_schedule",
     "run_stage",
     "save_resolved_config",
+    "save_training_data",
     "training_arguments",
 ]

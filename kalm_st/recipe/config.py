@@ -46,6 +46,8 @@ FINAL_MODEL_DIRNAME = "final"
 """The trained model of a stage is written (atomically) to ``{output_dir}/final``."""
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 """The fully resolved config (file + overrides) is saved as ``{output_dir}/resolved_config.yaml``."""
+TRAINING_DATA_NAME = "training_data.yaml"
+"""Next to the resolved config: each task's source, type, rows trained on and instructions (for the model card)."""
 
 
 class ConfigError(ValueError):

@@ -293,6 +293,9 @@ class Recipe:
     path: Path
     seed: int = 0
     description: str = ""
+    keep_intermediate_models: bool = True
+    """False: the runner removes a train step's model (``final/``, checkpoints) once every step that reads it is done,
+    keeping its manifest, so a re-run still skips it (:mod:`kalm_st.recipe.runner`)."""
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -323,7 +326,7 @@ class RecipeError(ConfigError):
         super().__init__(f"{len(self.problems)} problem(s) in the recipe:\n" + "\n".join(f"- {p}" for p in problems))
 
 
-_TOP_LEVEL = ("description", "output_dir", "seed", "steps")
+_TOP_LEVEL = ("description", "output_dir", "seed", "keep_intermediate_models", "steps")
 
 
 def _split_overrides(
@@ -334,7 +337,7 @@ def _split_overrides(
     grouped: dict[str, list[str]] = {}
     for item in overrides:
         head, _, _ = item.partition("=")
-        if head.strip() in ("output_dir", "seed"):
+        if head.strip() in ("output_dir", "seed", "keep_intermediate_models"):
             top.append(item)
             continue
         step, dot, rest = item.partition(".")
@@ -431,12 +434,16 @@ def recipe_from_dict(data: Any, path: Path, overrides: Sequence[str] = ()) -> Re
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{source}: seed must be int, got {seed!r}.")
+    keep = data.get("keep_intermediate_models", True)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"{source}: keep_intermediate_models must be true or false, got {keep!r}.")
     return Recipe(
         output_dir=data["output_dir"],
         steps=tuple(steps),
         path=path,
         seed=seed,
         description=str(data.get("description", "")),
+        keep_intermediate_models=keep,
     )
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kalm_st.io import write_json_atomic
-from kalm_st.recipe.config import ConfigError
+from kalm_st.recipe.config import FINAL_MODEL_DIRNAME, ConfigError
 from kalm_st.recipe.recipe import REFERENCE_PREFIX, STEP_KINDS, Recipe, RecipeError, Step, is_reference
 from kalm_st.recipe.steps import StepContext
 
@@ -289,10 +289,81 @@ def read_manifest(step_dir: Path) -> dict[str, Any] | None:
 
 
 def _is_done(plan: StepPlan) -> bool:
+    """Complete with this fingerprint: its output is there, or was removed on purpose (``pruned``) once every step
+    reading it was done, like ``make``'s intermediate files."""
     manifest = read_manifest(plan.step_dir)
     if manifest is None or manifest.get("fingerprint") != plan.fingerprint:
         return False
-    return plan.output is None or plan.output.exists()
+    return plan.output is None or plan.output.exists() or bool(manifest.get("pruned"))
+
+
+def _is_pruned(plan: StepPlan) -> bool:
+    """Done, but its output was removed (``keep_intermediate_models: false``): a step that must run and reads it
+    makes it run again first."""
+    return plan.output is not None and not plan.output.exists() and _is_done(plan)
+
+
+def _readers(plans: list[StepPlan]) -> dict[str, list[StepPlan]]:
+    """For each step, the steps that reference it (``@step``)."""
+    readers: dict[str, list[StepPlan]] = {p.step.name: [] for p in plans}
+    for plan in plans:
+        for ref in dict.fromkeys(plan.step.references()):
+            readers[ref].append(plan)
+    return readers
+
+
+def _builtin_inputs(plan: StepPlan) -> list[str]:
+    return [value for value in plan.inputs if value.startswith("builtin:")]
+
+
+def prune_intermediate_models(plans: list[StepPlan], builtin_dir: Path) -> list[Path]:
+    """Remove the models no later step needs: a train step's default output (``final/``, and its checkpoints) once it
+    has readers and all of them are done, and a converted built-in backbone once every step naming it is done. Its
+    manifest stays (marked ``pruned``), so the step still counts as done. Returns the removed folders."""
+    removed: list[Path] = []
+    readers = _readers(plans)
+    for plan in plans:
+        default_output = plan.step_dir / FINAL_MODEL_DIRNAME
+        if plan.step.kind != "train" or plan.output != default_output or not plan.output.exists():
+            continue  # an explicit output: (a deliverable) is never removed
+        if not readers[plan.step.name] or not _is_done(plan):
+            continue
+        if not all(_is_done(reader) for reader in readers[plan.step.name]):
+            continue
+        manifest = read_manifest(plan.step_dir) or {}
+        write_json_atomic(plan.step_dir / MANIFEST, {**manifest, "pruned": True})
+        for folder in [plan.output, *sorted(plan.step_dir.glob("checkpoint-*"))]:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    for name in dict.fromkeys(value for plan in plans for value in _builtin_inputs(plan)):
+        folder = builtin_dir / name.removeprefix("builtin:")
+        users = [plan for plan in plans if name in _builtin_inputs(plan)]
+        if folder.is_dir() and all(_is_done(plan) for plan in users):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    for folder in removed:
+        logger.info("removed %s (keep_intermediate_models: false; every step reading it is done)", folder)
+    return removed
+
+
+def _to_run(plans: list[StepPlan], selected: list[StepPlan], start: str | None, only: str | None) -> set[str]:
+    """The selected steps that run: not done (or forced by ``--from`` / ``--only``), plus every pruned step whose
+    output one of them reads (and, in turn, what that one reads)."""
+    forced = {name for name in (start, only) if name is not None}
+    names = {p.step.name for p in selected if p.step.name in forced or not _is_done(p)}
+    by_name = {p.step.name: p for p in plans}
+    for plan in reversed(plans):  # references point to earlier steps: one backward pass closes the set
+        if plan.step.name not in names:
+            continue
+        for ref in plan.step.references():
+            if _is_pruned(by_name[ref]):
+                if only is not None:
+                    raise ConfigError(
+                        f"step {plan.step.name!r} needs the model of step {ref!r}, which was removed "
+                        "(keep_intermediate_models: false); run without --only to rebuild it."
+                    )
+                names.add(ref)
+    return names
 
 
 def _prepare(plan: StepPlan) -> bool:
@@ -305,7 +376,8 @@ def _prepare(plan: StepPlan) -> bool:
         except (OSError, json.JSONDecodeError):
             resume = False
     if not resume and plan.step_dir.exists():
-        logger.info("step %s: clearing %s (left by another configuration)", plan.step.name, plan.step_dir)
+        why = "its model was removed; rebuilding it" if _is_pruned(plan) else "left by another configuration"
+        logger.info("step %s: clearing %s (%s)", plan.step.name, plan.step_dir, why)
         shutil.rmtree(plan.step_dir)
     (plan.step_dir / MANIFEST).unlink(missing_ok=True)
     write_json_atomic(marker, {"fingerprint": plan.fingerprint, "started": time.time()})
@@ -369,18 +441,18 @@ def run_recipe(
     selected_names = {p.step.name for p in selected}
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun / accelerate launch; 0 without a launcher
     main = rank == 0
+    to_run = _to_run(plans, selected, start, only)
     for plan in plans:
-        if plan.step.name not in selected_names:
-            continue
         name = plan.step.name
-        forced = start is not None or only is not None
-        if _is_done(plan) and not (forced and (name == start or name == only)):
+        if name not in selected_names and name not in to_run:
+            continue
+        if name not in to_run:
             logger.info("step %s (%s): up to date, skipped", name, plan.step.kind)
             report.status[name] = "skipped"
             continue
         for ref in plan.step.references():
             ref_plan = next(p for p in plans if p.step.name == ref)
-            if not _is_done(ref_plan):
+            if not _is_done(ref_plan) or _is_pruned(ref_plan):
                 raise ConfigError(
                     f"step {name!r} needs the output of step {ref!r}, which is not complete; run it first."
                 )
@@ -423,6 +495,8 @@ def run_recipe(
         report.status[name] = "resumed" if resume else "ran"
         report.seconds[name] = seconds
         logger.info("step %s (%s): done in %.1f s", name, plan.step.kind, seconds)
+        if not recipe.keep_intermediate_models:
+            prune_intermediate_models(plans, builtin_dir)
     return report
 
 
@@ -435,6 +509,7 @@ __all__ = [
     "check_recipe",
     "path_fingerprint",
     "plan_recipe",
+    "prune_intermediate_models",
     "read_manifest",
     "run_recipe",
 ]

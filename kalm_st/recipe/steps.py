@@ -247,8 +247,8 @@ def run_train(ctx: StepContext) -> dict[str, Any]:
 
         with atomic_directory(ctx.output) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
-    if ctx.is_main:
-        _write_cards(final, ctx.output)
+    if ctx.is_main and ctx.output is not None and ctx.output != final:  # run_stage wrote final/'s card
+        _write_cards(ctx.output)
     return {"resumed": resume}
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from kalm_st.cli import main
+from kalm_st.recipe.config import ConfigError
 from kalm_st.recipe.recipe import RecipeError, load_recipe, recipe_from_dict
 from kalm_st.recipe.runner import MANIFEST, check_recipe, run_recipe
 
@@ -362,3 +363,63 @@ def test_teacher_scores_as_flag_embedding_jsonl_read_back_as_a_source(tmp_path: 
     assert back["positive"] == scored["positive"] and back["negative_3"] == scored["negative_3"]
     for got, expected in zip(back["label"], scored["label"], strict=True):
         assert got == pytest.approx(expected, rel=1e-13, abs=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# keep_intermediate_models: false (the quickstart's setting): stage models removed once read, rebuilt when needed.
+
+_PRUNE_RECIPE = """
+output_dir: {out}
+keep_intermediate_models: false
+steps:
+  - name: first
+    kind: train
+    config: training/configs/tiny_smoke.yaml
+    set:
+      model: {{max_seq_length: 32}}
+      args: {{max_steps: 1, per_device_train_batch_size: 4}}
+  - name: second
+    kind: train
+    config: training/configs/tiny_smoke.yaml
+    set:
+      model: {{init_from: "@first", max_seq_length: 32}}
+      args: {{max_steps: 1, per_device_train_batch_size: 4}}
+  - name: soup
+    kind: soup
+    models: ["@first", "@second"]
+    output: {soup}
+"""
+
+
+def test_intermediate_models_are_removed_once_read_and_rebuilt_when_a_reader_must_run(
+    tmp_path: Path, in_repo: Path
+) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_PRUNE_RECIPE.format(out=tmp_path / "out", soup=tmp_path / "soup"))
+    out = tmp_path / "out"
+    assert run_recipe(load_recipe(path)).status == dict.fromkeys(["first", "second", "soup"], "ran")
+    # Only the deliverable keeps weights: the stage models and the converted built-in backbone are gone ...
+    assert (tmp_path / "soup" / "model.safetensors").is_file()
+    assert not (out / "first" / "final").exists() and not (out / "second" / "final").exists()
+    assert not (out / "builtin" / "tiny-qwen2").exists()
+    # ... their manifests stay (marked), so the steps still count as done, and a re-run skips everything, like make.
+    for name in ("first", "second"):
+        assert json.loads((out / name / MANIFEST).read_text())["pruned"] is True
+    assert run_recipe(load_recipe(path)).status == dict.fromkeys(["first", "second", "soup"], "skipped")
+
+    # A changed soup needs both stage models: they are rebuilt first (second needs first), then removed again.
+    changed = run_recipe(load_recipe(path, ["soup.weights=[0.25, 0.75]"]))
+    assert changed.status == dict.fromkeys(["first", "second", "soup"], "ran")
+    assert not (out / "first" / "final").exists() and not (out / "second" / "final").exists()
+    # --only cannot rebuild what it needs: one line naming the step and the setting.
+    with pytest.raises(ConfigError, match=r"needs the model of step 'first'.*keep_intermediate_models"):
+        run_recipe(load_recipe(path, ["soup.weights=[0.5, 0.5]"]), only="soup")
+
+
+def test_intermediate_models_are_kept_by_default(tmp_path: Path, in_repo: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    text = _PRUNE_RECIPE.format(out=tmp_path / "out", soup=tmp_path / "soup")
+    path.write_text(text.replace("keep_intermediate_models: false\n", ""))
+    run_recipe(load_recipe(path))
+    assert (tmp_path / "out" / "first" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "second" / "final" / "model.safetensors").is_file()

@@ -266,3 +266,20 @@ def test_embedding_distillation_is_a_recipe_loss_with_its_projection_checkpointe
     loss = build_loss(tiny_model, config)
     assert isinstance(loss, EmbeddingDistillation) and isinstance(loss.base_loss, FocalInfoNCE)
     assert loss_state_holders({"task": loss}) == [loss] and LossStateCallback([loss]).holders == [loss]
+
+
+def test_activation_checkpointing_turns_it_on_without_a_deprecation_warning(tmp_path: Path) -> None:
+    """``args.activation_checkpointing: true`` (the quickstart's stages): the Trainer calls the model's
+    ``activation_checkpointing_enable``; the backbone recomputes its layers, and transformers' FutureWarning about the
+    deprecated ``gradient_checkpointing_enable`` fallback is gone."""
+    import warnings
+
+    overrides = [*TINY, *TINY_ARGS[:-1], "args.activation_checkpointing=true", "args.max_steps=1"]
+    config = load_config(CONFIG_DIR / "tiny_smoke.yaml", [*overrides, f"output_dir={tmp_path / 'out'}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = build_stage(config)
+        run.trainer.train()  # the Trainer switches checkpointing on as training starts
+    backbone = run.model[0].auto_model
+    assert backbone.is_gradient_checkpointing  # transformers' own flag: its layers recompute in the backward
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []

@@ -454,3 +454,27 @@ def test_evaluating_a_local_task_does_not_warn_that_it_is_superseded(tiny_model,
         evaluate_model(tiny_model, ["STSBenchmark"], output_dir=tmp_path / "ev", data_dir=TINY_EVAL)
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert not [m for m in messages if "superseded" in m], messages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Card gaps: `kalm-st train` alone writes kalm-st's card, with the data (sources, rows) and the instruction table.
+
+
+def test_kalm_st_train_writes_kalm_sts_card_with_data_rows_and_instructions(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)  # the stage file names the bundled data relative to the clone's root
+    out = tmp_path / "stage"
+    argv = ["train", "training/configs/tiny_smoke.yaml", "--set", f"output_dir={out}", "--set", "args.max_steps=1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    card = (out / "final" / "README.md").read_text(encoding="utf8")
+    # sentence-transformers' automatic card (placeholder model id, "Unknown" base model) is replaced
+    assert "sentence_transformers_model_id" not in card and "### Stage 1: finetune" in card
+    # the data table: task, type, source and the rows trained on (the file's 64 lines, none dropped)
+    with (REPO_ROOT / "data" / "tiny" / "tiny_train.jsonl").open(encoding="utf8") as handle:
+        lines = sum(1 for line in handle if line.strip())
+    assert f"  | STSBenchmark | STS | `data/tiny/tiny_train.jsonl` | {lines} |" in card
+    # the instruction table: an STS task puts KaLM's symmetric instruction on both sides (METHOD.md §3)
+    sts = r"`Instruct: Retrieve semantically similar text \n Query: `"
+    assert "## Instructions used in training" in card
+    assert any(
+        row.startswith("| STSBenchmark | anchor, positive") and row.endswith(f"| {sts} |") for row in card.splitlines()
+    )

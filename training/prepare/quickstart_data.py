@@ -8,7 +8,7 @@ Every file is in a format kalm-st reads (``kalm_st.data.load``; mteb's local tas
 
 | file | rows | what |
 |---|---|---|
-| ``stage1_sts.jsonl`` | 640 | weak pairs: STS-B train pairs scored >= 3 |
+| ``stage1_sts.jsonl`` | 640 | weak pairs: distinct STS-B train pairs scored >= 3 |
 | ``stage1_trecqa.jsonl`` | 348 | weak pairs: TrecQA train (question, correct answer), all of them |
 | ``curate_sts.jsonl`` + ``corpus_sts.jsonl`` | 96 / corpus | STS-B train pairs scored >= 4, to filter and mine negatives for; the corpus is every sentence of 192 sampled train pairs |
 | ``curate_trecqa.jsonl`` + ``corpus_trecqa.jsonl`` | 16 questions / corpus | TrecQA train (question, correct answer); the corpus is every candidate answer of those questions (real retrieved negatives) |
@@ -59,7 +59,9 @@ def stage1() -> None:
     rng = random.Random(0)
     pairs = [r for r in _csv(SOURCE / "stsb" / "train.csv", header=False) if float(r[2]) >= 3.0]
     rng.shuffle(pairs)
-    _jsonl(TARGET / "stage1_sts.jsonl", [{"task": STS_TASK, "anchor": a, "positive": p} for a, p, _ in pairs[:640]])
+    # STS-B train repeats a few (sentence1, sentence2) pairs; a repeat in one batch is a false in-batch negative
+    distinct = list({(a, p): None for a, p, _ in pairs})
+    _jsonl(TARGET / "stage1_sts.jsonl", [{"task": STS_TASK, "anchor": a, "positive": p} for a, p in distinct[:640]])
     qa = [{"task": TRECQA_TASK, "anchor": q, "positive": p} for q, e in _trecqa("train").items() for p in e["pos"]]
     rng.shuffle(qa)
     _jsonl(TARGET / "stage1_trecqa.jsonl", qa[:512])
