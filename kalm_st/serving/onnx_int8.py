@@ -79,6 +79,10 @@ def onnxruntime_quiet_and_tidy(target_dir: Path) -> Iterator[None]:
     """Silence onnxruntime's per-call root-logger hint, and remove the scratch files its quantizers write into the
     working directory and beside the target (``sym_shape_infer_temp.onnx``, ``<uuid>[.data]``); the working directory
     is never changed (``chdir`` is process-wide, and a relative path would then point elsewhere)."""
+    # Importing onnxruntime's weight-only quantizer calls logging.basicConfig(level=INFO) (once per process), which
+    # would print a line per quantized node: import it before the root level is set, so that setting wins.
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
