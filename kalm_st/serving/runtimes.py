@@ -42,7 +42,10 @@ RUNTIME_CHECKS: dict[str, RuntimeCheck] = {
         "router/src/lib.rs",
     ),
     "llama.cpp": RuntimeCheck(
-        "llama.cpp", "llama-cpp-python 0.3.36 and its bundled llama.cpp (converter, Llama.embed)", "run", "2026-12-07"
+        "llama.cpp",
+        "llama-cpp-python 0.3.36 and its bundled llama.cpp (converter, Llama.embed, llama_cpp.server)",
+        "run",
+        "2026-12-07",
     ),
     "onnxruntime": RuntimeCheck(
         "ONNX Runtime", "onnxruntime 1.32.0 (kalm-st export + ONNXEncoder)", "run", "2026-12-01"
@@ -94,10 +97,14 @@ text-embeddings-router --model-id {repo_id} --pooling mean
 ```
 
 **llama.cpp**: {c["llama.cpp"].note}. The converter writes `attention.causal = false`; give mean pooling at run time
-(the converter stores it for Qwen2 only) and normalise in Python (`llama-server` normalises itself).
+(the converter stores it for Qwen2 only; llama-cpp-python's server takes it as a GGUF key override, `<arch>` being
+the GGUF's `general.architecture`, e.g. `llama` or `qwen2`) and normalise the vectors yourself (`llama-server`
+normalises itself).
 
 ```bash
 python convert_hf_to_gguf.py ./{repo_id.split("/")[-1]} --outfile model.gguf --outtype f32
+python -m llama_cpp.server --model model.gguf --embedding true --n_ctx 512 --n_batch 512 --n_ubatch 512 \\
+  --host 127.0.0.1 --kv_overrides llama.pooling_type=int:1  # <arch>.pooling_type, 1 = mean
 llama-server -m model.gguf --embeddings --pooling mean -c 512 -b 512 -ub 512 --host 127.0.0.1
 ```
 

@@ -22,6 +22,10 @@ def test_card_has_a_serving_section_with_commands_and_versions(tiny_model):
         '"input_type": "query"',
         "text-embeddings-router --model-id me/kalm-test --pooling mean",
         "llama-server -m model.gguf --embeddings --pooling mean",
+        # llama-cpp-python's server has no pooling flag: mean (1) comes as a GGUF key override (run in
+        # benchmarks/serving_parity.py; without it a SmolLM2 GGUF is served as per-token vectors).
+        "python -m llama_cpp.server --model model.gguf --embedding true",
+        "--kv_overrides llama.pooling_type=int:1",
         "kalm-st export ./kalm-test --format onnx --quantize int8",
     ):
         assert command in serving, command

@@ -287,3 +287,19 @@ def test_export_to_another_folder_carries_the_prompt_table(exported, tiny_model,
     encoder = ONNXEncoder(tmp_path / "served")
     assert encoder.prompts == tiny_model.prompts
     np.testing.assert_allclose(encoder.encode_query(TEXTS), tiny_model.encode_query(TEXTS), atol=1e-5)
+
+
+def test_weight_only_int8_quantizer_is_quiet(exported, tmp_path):
+    """onnxruntime's weight-only quantizer calls ``logging.basicConfig(level=INFO)`` when first imported and then logs
+    two lines per MatMul node (hundreds for a real decoder); ``kalm-st export --quantize int8`` must not print them.
+    A fresh interpreter, because basicConfig acts once per process (pytest's own log handlers would hide it here)."""
+    script = textwrap.dedent(
+        f"""
+        from kalm_st.serving.onnx_int8 import quantize_variant
+        quantize_variant({str(exported / "onnx" / "model.onnx")!r}, {str(tmp_path / "q.onnx")!r},
+                         "weight-only-fp32-compute")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert (tmp_path / "q.onnx").is_file()
+    assert "start to quantize" not in result.stdout + result.stderr, result.stderr[-2000:]
