@@ -175,7 +175,7 @@ def _check_items(part: ListPart, column: str, noun: str, scalar: bool, problems:
         problems.add(rows_bad, column, lambda i: f"{noun} {first[i] + 1} is empty or not a string")
 
 
-def _numbers(part: ListPart) -> np.ndarray:
+def numbers(part: ListPart) -> np.ndarray:
     return pc.cast(part.flat, pa.float64()).to_numpy(zero_copy_only=False)
 
 
@@ -260,4 +260,4 @@ def _read_label(
     return pos_scores, ListPart(part.flat, neg_len, part.starts + 1), None
 
 
-__all__ = ["Layout", "ListPart", "Rows", "read_rows"]
+__all__ = ["Layout", "ListPart", "Rows", "numbers", "read_rows"]
