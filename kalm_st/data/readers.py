@@ -238,15 +238,10 @@ def _read_label(
         problems.add(ragged, name, lambda i: f"ragged teacher embeddings: vector lengths "
                      f"{sorted({len(v) for v in value_at(column, i)})} (every vector needs the same)")  # fmt: skip
         bad = bad_numbers(vectors.flat)
-        if bad.any():
-            vector_of = np.repeat(np.arange(len(dims)), dims)
-            first = np.full(len(part.lengths), -1)
-            rows_bad = np.zeros(len(part.lengths), dtype=bool)
-            hit = vector_of[np.flatnonzero(bad)]
-            rows_bad[parent[hit]] = True
-            first[parent[hit][::-1]] = hit[::-1]
-            problems.add(rows_bad & ~ragged, name, lambda i: "NaN, infinite or non-numeric value in teacher "
-                         f"embedding {first[i] - part.starts[i]}")  # fmt: skip
+        if bad.any():  # vectors with a bad value, then each row's first such vector
+            rows_bad, first = _first_bad(part, _first_bad(vectors, bad)[0])
+            problems.add(rows_bad & ~ragged, name,
+                         lambda i: f"NaN, infinite or non-numeric value in teacher embedding {first[i]}")  # fmt: skip
         return None, None, part
     problems.add(
         part.lengths < expected, name,
