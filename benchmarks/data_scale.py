@@ -21,9 +21,10 @@ Reported per run: wall seconds from process start to the end of step 10, peak RS
 ``--variants``: the reader alone, per input variant (issue 22), CPU seconds and private memory per million rows,
 first start (empty ``datasets`` cache) and cached start, kalm-st's stage reader (``load_sources``, what
 ``kalm-st train --dry-run`` runs) side by side with plain sentence-transformers loading the same rows
-(``load_dataset`` + one batched Arrow ``map`` to ``anchor, positive, negative_1..k[, label]``). One parquet file per
-variant: kalm-st's layout plain (3 negatives), + a per-row ``instruction``, + integer ``label`` lists, + float scores
-truncated (7 negatives, ``num_negatives: 3``), ragged (0..7 negatives); the KaLM layout (``query``, ``pos``, ``neg``).
+(``load_dataset`` + one batched Arrow ``map`` to ``anchor, positive, negative_1..k[, label]``). One parquet file
+(or the same rows as JSON lines, ``--format jsonl``) per variant: kalm-st's layout plain (3 negatives), + a per-row
+``instruction``, + integer ``label`` lists, + float scores truncated (7 negatives, ``num_negatives: 3``), ragged
+(0..7 negatives); the KaLM layout (``query``, ``pos``, ``neg``).
 
     python benchmarks/data_scale.py --variants --rows 1000000 4000000 --workdir /tmp/data_scale
     python benchmarks/data_scale.py --variants --format jsonl --rows 1000000 --workdir /tmp/data_scale  # same rows
