@@ -21,11 +21,13 @@ Reported per run: wall seconds from process start to the end of step 10, peak RS
 ``--variants``: the reader alone, per input variant (issue 22), CPU seconds and private memory per million rows,
 first start (empty ``datasets`` cache) and cached start, kalm-st's stage reader (``load_sources``, what
 ``kalm-st train --dry-run`` runs) side by side with plain sentence-transformers loading the same rows
-(``load_dataset`` + one batched Arrow ``map`` to ``anchor, positive, negative_1..k[, label]``). One parquet file per
-variant: kalm-st's layout plain (3 negatives), + a per-row ``instruction``, + integer ``label`` lists, + float scores
-truncated (7 negatives, ``num_negatives: 3``), ragged (0..7 negatives); the KaLM layout (``query``, ``pos``, ``neg``).
+(``load_dataset`` + one batched Arrow ``map`` to ``anchor, positive, negative_1..k[, label]``). One parquet file
+(or the same rows as JSON lines, ``--format jsonl``) per variant: kalm-st's layout plain (3 negatives), + a per-row
+``instruction``, + integer ``label`` lists, + float scores truncated (7 negatives, ``num_negatives: 3``), ragged
+(0..7 negatives); the KaLM layout (``query``, ``pos``, ``neg``).
 
     python benchmarks/data_scale.py --variants --rows 1000000 4000000 --workdir /tmp/data_scale
+    python benchmarks/data_scale.py --variants --format jsonl --rows 1000000 --workdir /tmp/data_scale  # same rows
 """
 
 from __future__ import annotations
@@ -291,6 +293,16 @@ def generate_variant(path: Path, variant: str, rows: int, seed: int = 0) -> None
     writer.close()
 
 
+def to_jsonl(parquet: Path, path: Path) -> None:
+    """The same rows as JSON lines (pandas, 100k rows at a time)."""
+    import pyarrow.parquet as pq
+
+    with open(path.with_suffix(".partial"), "w", encoding="utf8") as handle:
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=100_000):
+            batch.to_pandas().to_json(handle, orient="records", lines=True, force_ascii=False)
+    path.with_suffix(".partial").replace(path)
+
+
 def _anon_kb() -> int:
     return _AnonPeak._anon_kb()
 
@@ -301,10 +313,7 @@ def _variant_child(variant: str, side: str, path: Path, out: Path) -> None:
 
     from kalm_st.recipe.build import load_sources, resolve_tasks  # noqa: F401
 
-    base = _anon_kb()
-    anon = _AnonPeak()
-    cpu = os.times()
-    if side == "kalm-st":
+    if side == "kalm-st":  # the config is built (and its imports done) before the baseline: loading alone counts
         from kalm_st.recipe.config import StageConfig
 
         config = StageConfig.from_dict(
@@ -321,6 +330,10 @@ def _variant_child(variant: str, side: str, path: Path, out: Path) -> None:
             },
             source="data_scale",
         )
+    base = _anon_kb()
+    anon = _AnonPeak()
+    cpu = os.times()
+    if side == "kalm-st":
         data, _ = load_sources(config, resolve_tasks(config, config.data.tasks))
         rows = len(data[variant])
     else:
@@ -340,7 +353,8 @@ def _variant_child(variant: str, side: str, path: Path, out: Path) -> None:
                 columns["label"] = pc.list_slice(batch.column("label"), 0, k + 1)
             return pa.table(columns)
 
-        dataset = load_dataset("parquet", data_files=str(path), split="train")
+        builder = "json" if path.suffix == ".jsonl" else "parquet"
+        dataset = load_dataset(builder, data_files=str(path), split="train")
         if variant == "ragged":  # plain ST takes one negative from the rows that have one
             dataset = dataset.with_format("arrow").filter(
                 lambda b: pc.greater(pc.list_value_length(b.column("negatives")), 0), batched=True
@@ -356,15 +370,18 @@ def _variant_child(variant: str, side: str, path: Path, out: Path) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _variants(rows_list: list[int], workdir: Path, names: list[str]) -> None:
+def _variants(rows_list: list[int], workdir: Path, names: list[str], fmt: str = "parquet") -> None:
     results = []
     for rows in rows_list:
         for variant in names:
-            path = workdir / f"variants_{rows}" / f"{variant}.parquet"
+            parquet = workdir / f"variants_{rows}" / f"{variant}.parquet"
+            if not parquet.exists():
+                generate_variant(parquet, variant, rows)
+            path = parquet.with_suffix(f".{fmt}")
             if not path.exists():
-                generate_variant(path, variant, rows)
+                to_jsonl(parquet, path)
             for side in ("kalm-st", "plain-st"):
-                cache = workdir / f"cache_{rows}_{variant}_{side}"
+                cache = workdir / f"cache_{rows}_{variant}_{fmt}_{side}"
                 shutil.rmtree(cache, ignore_errors=True)
                 for run in ("first", "cached"):
                     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
@@ -380,6 +397,7 @@ def _variants(rows_list: list[int], workdir: Path, names: list[str]) -> None:
                     results.append(result)
                     print(json.dumps(result), flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
+    print(f"\n{fmt} files:")
     print("\n| rows | variant | run | kalm-st CPU s/M | plain ST CPU s/M | kalm-st anon GB/M | plain ST anon GB/M |")
     print("|---:|---|---|---:|---:|---:|---:|")
     by = {(r["rows"], r["variant"], r["side"], r["run"]): r for r in results}
@@ -408,6 +426,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/data_scale"))
     parser.add_argument("--variants", action="store_true", help="the reader alone, per input variant")
     parser.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="these variants")
+    parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="--variants' file format")
     parser.add_argument("--variant-child")
     parser.add_argument("--side")
     parser.add_argument("--child")
@@ -421,7 +440,7 @@ def main() -> None:
         _variant_child(args.variant_child, args.side, args.root, args.out)
         return
     if args.variants:
-        _variants(args.rows, args.workdir, args.only)
+        _variants(args.rows, args.workdir, args.only, args.format)
         return
     results = []
     for rows in args.rows:

@@ -139,7 +139,7 @@ def check_column_names(columns: Sequence[str], known: Sequence[str], label: str)
     return problems
 
 
-_HASH_BYTES = 1 << 22  # text bytes hashed at once: ~32 MB of numpy scratch
+_HASH_BYTES = 1 << 19  # text bytes hashed at once: ~20 MB of numpy scratch (several 8-byte arrays per byte)
 _PRIMES = (np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15))
 
 
@@ -171,6 +171,16 @@ def text_hashes(texts: pa.Array, prime: int = 0) -> np.ndarray:
     return out
 
 
+def _first_of(keys: np.ndarray, wanted: np.ndarray, chunk: int = 1 << 20) -> int:
+    """The first index of ``keys`` whose value is in the sorted ``wanted``, chunk by chunk (bounded memory)."""
+    for start in range(0, len(keys), chunk):
+        part = keys[start : start + chunk]
+        found = np.flatnonzero(wanted[np.minimum(np.searchsorted(wanted, part), len(wanted) - 1)] == part)
+        if len(found):
+            return start + int(found[0])
+    raise ValueError("no key of wanted in keys")
+
+
 def repeated_pairs(dataset: Any, batch_size: int = 1 << 16) -> tuple[int, str | None]:
     """``(rows repeating an earlier (anchor, positive) pair, an example anchor)``: a 64-bit hash of each pair
     (:func:`text_hashes`), counted with numpy; kept beside a cached dataset's Arrow file, so once per fingerprint."""
@@ -182,16 +192,17 @@ def repeated_pairs(dataset: Any, batch_size: int = 1 << 16) -> tuple[int, str | 
         if marker.is_file():
             found = json.loads(marker.read_text(encoding="utf8"))
             return found["repeated"], found["example"]
-    keys = []
+    joined, done = np.empty(len(dataset), np.uint64), 0
     for table in dataset.select_columns(["anchor", "positive"]).with_format("arrow").iter(batch_size=batch_size):
         with np.errstate(over="ignore"):
-            keys.append(text_hashes(table.column("anchor"), 0) * _PRIMES[1] ^ text_hashes(table.column("positive"), 1))
-    joined = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-    unique, first, counts = np.unique(joined, return_index=True, return_counts=True)
-    repeated = int(len(joined) - len(unique))
+            keys = text_hashes(table.column("anchor"), 0) * _PRIMES[1] ^ text_hashes(table.column("positive"), 1)
+        joined[done : done + len(keys)], done = keys, done + len(keys)
+    ordered = np.sort(joined)  # 16 bytes a row in all (np.unique would keep several more arrays of the rows)
+    again = ordered[1:] == ordered[:-1]
+    repeated = int(np.count_nonzero(again))
     example = None
     if repeated:
-        row = int(first[counts > 1].min())  # the earliest pair that repeats
+        row = _first_of(joined, np.unique(ordered[1:][again]))  # the earliest pair that repeats
         example = dataset.select_columns(["anchor"]).with_format("arrow")[row : row + 1].column(0)[0].as_py()
     if marker is not None:
         try:

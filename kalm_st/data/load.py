@@ -47,7 +47,7 @@ from kalm_st.data.columns import (
     numbered_negatives,
 )
 from kalm_st.data.positive_groups import mix
-from kalm_st.data.readers import Layout, ListPart, read_rows
+from kalm_st.data.readers import Layout, numbers, read_rows
 from kalm_st.data.shards import Shard, open_shards
 from kalm_st.data.tasks import TaskSource
 from kalm_st.instructions import (
@@ -157,9 +157,9 @@ def _convert_batch(batch: pa.Table, indices: list[int], plan: _Plan) -> pa.Table
         offsets = pa.array(np.arange(len(take) + 1, dtype=np.int32) * index.shape[1])
         out["label"] = pa.ListArray.from_arrays(offsets, vectors)
     elif r.pos_scores is not None:
-        scores = [_numbers(r.pos_scores)[r.pos_scores.starts[take] + picked]]
+        scores = [numbers(r.pos_scores)[r.pos_scores.starts[take] + picked]]
         if r.neg_scores is not None:
-            values = _numbers(r.neg_scores)
+            values = numbers(r.neg_scores)
             scores += [values[r.neg_scores.starts[take] + idx[take]] for idx in neg_local]
         matrix = np.stack(scores, axis=1)
         out["label"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1]).cast(
@@ -169,11 +169,8 @@ def _convert_batch(batch: pa.Table, indices: list[int], plan: _Plan) -> pa.Table
         out[POSITIVE_GROUP] = pa.array(local[take] + plan.group_offset, pa.int64())
     elif r.group is not None:
         out[POSITIVE_GROUP] = r.group.take(pa.array(take))
+    pa.default_memory_pool().release_unused()  # the allocator would keep the freed batches as private memory
     return pa.table(out)
-
-
-def _numbers(part: ListPart) -> np.ndarray:
-    return pc.cast(part.flat, pa.float64()).to_numpy(zero_copy_only=False)
 
 
 def _instruct(out: dict[str, pa.Array], prompt: pa.Array | None, plan: _Plan) -> dict[str, pa.Array]:
@@ -455,8 +452,6 @@ def load_tasks(specs: Mapping[str, TaskSource], options: LoadOptions) -> tuple[A
     Raises ``FileNotFoundError`` naming the config key, :class:`DataValidationError` listing every problem (file,
     row and column), ``ConfigError`` for a task a file does not hold or more negatives asked than the data has.
     """
-    from datasets import DatasetDict
-
     opened: dict[tuple[Any, ...], list[Shard]] = {}
     parts: dict[str, list[Part]] = {}
     for name, spec in specs.items():
@@ -481,15 +476,7 @@ def load_tasks(specs: Mapping[str, TaskSource], options: LoadOptions) -> tuple[A
                 )
             parts[name].append(by_task[name])
     _check_siblings(specs, parts)
-    result, resolved, problems = DatasetDict(), {}, []
-    for name, task_parts_ in parts.items():
-        try:
-            result[name], resolved[name] = load_task(specs[name], task_parts_, options)
-        except DataValidationError as error:
-            problems.extend(error.problems)
-    if problems:
-        raise DataValidationError(problems)
-    return result, resolved
+    return _finish(specs, parts, options, None)
 
 
 def _check_siblings(specs: Mapping[str, TaskSource], parts: Mapping[str, list[Part]]) -> None:
@@ -567,14 +554,8 @@ def load_files(
     """``(DatasetDict, specs)`` of files (or globs, folders): one task per file, or per value of its ``task``
     column; rows of one task in several files are concatenated."""
     path_list = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    by_task: dict[str, list[Part]] = {}
-    for path in path_list:
-        for shard in open_shards(str(path)):
-            for task, part in task_parts(shard, default_task or Path(path).stem).items():
-                by_task.setdefault(task, []).append(part)
-    names = ", ".join(map(str, path_list))
-    specs = {task: TaskSource(task, names, task, (task_types or {}).get(task)) for task in by_task}
-    return _finish(specs, by_task, options, batch_size)
+    shards = [(shard, default_task or Path(path).stem) for path in path_list for shard in open_shards(str(path))]
+    return _load_shards(shards, ", ".join(map(str, path_list)), options, task_types, batch_size)
 
 
 def validate_training_data(
@@ -591,14 +572,20 @@ def validate_training_data(
     from datasets import DatasetDict
 
     items = data.items() if isinstance(data, DatasetDict) else [(None, data)]
-    by_task: dict[str, list[Part]] = {}
-    for name, dataset in items:
-        shard = Shard(f"{source}[{name}]" if name is not None else source, dataset)
-        for task, part in task_parts(shard, name or "default").items():
-            by_task.setdefault(task, []).append(part)
-    specs = {task: TaskSource(task, source, task, (task_types or {}).get(task)) for task in by_task}
+    shards = [(Shard(f"{source}[{name}]" if name is not None else source, d), name or "default") for name, d in items]
     options = LoadOptions(require_negatives=require_negatives, row_instructions=row_instructions)
-    return _finish(specs, by_task, options, batch_size)[0]
+    return _load_shards(shards, source, options, task_types, batch_size)[0]
+
+
+def _load_shards(shards: Sequence[tuple[Shard, str]], where: str, options: LoadOptions,
+                 task_types: Mapping[str, str] | None, batch_size: int | None) -> tuple[Any, dict[str, TaskSource]]:  # fmt: skip
+    """Shards (with the task of rows without a ``task`` value) -> tasks, each one spec named by ``where``."""
+    by_task: dict[str, list[Part]] = {}
+    for shard, default in shards:
+        for task, part in task_parts(shard, default).items():
+            by_task.setdefault(task, []).append(part)
+    specs = {task: TaskSource(task, where, task, (task_types or {}).get(task)) for task in by_task}
+    return _finish(specs, by_task, options, batch_size)
 
 
 def _finish(specs: Mapping[str, TaskSource], by_task: Mapping[str, list[Part]], options: LoadOptions,

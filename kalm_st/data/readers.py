@@ -175,7 +175,7 @@ def _check_items(part: ListPart, column: str, noun: str, scalar: bool, problems:
         problems.add(rows_bad, column, lambda i: f"{noun} {first[i] + 1} is empty or not a string")
 
 
-def _numbers(part: ListPart) -> np.ndarray:
+def numbers(part: ListPart) -> np.ndarray:
     return pc.cast(part.flat, pa.float64()).to_numpy(zero_copy_only=False)
 
 
@@ -238,15 +238,10 @@ def _read_label(
         problems.add(ragged, name, lambda i: f"ragged teacher embeddings: vector lengths "
                      f"{sorted({len(v) for v in value_at(column, i)})} (every vector needs the same)")  # fmt: skip
         bad = bad_numbers(vectors.flat)
-        if bad.any():
-            vector_of = np.repeat(np.arange(len(dims)), dims)
-            first = np.full(len(part.lengths), -1)
-            rows_bad = np.zeros(len(part.lengths), dtype=bool)
-            hit = vector_of[np.flatnonzero(bad)]
-            rows_bad[parent[hit]] = True
-            first[parent[hit][::-1]] = hit[::-1]
-            problems.add(rows_bad & ~ragged, name, lambda i: "NaN, infinite or non-numeric value in teacher "
-                         f"embedding {first[i] - part.starts[i]}")  # fmt: skip
+        if bad.any():  # vectors with a bad value, then each row's first such vector
+            rows_bad, first = _first_bad(part, _first_bad(vectors, bad)[0])
+            problems.add(rows_bad & ~ragged, name,
+                         lambda i: f"NaN, infinite or non-numeric value in teacher embedding {first[i]}")  # fmt: skip
         return None, None, part
     problems.add(
         part.lengths < expected, name,
@@ -260,4 +255,4 @@ def _read_label(
     return pos_scores, ListPart(part.flat, neg_len, part.starts + 1), None
 
 
-__all__ = ["Layout", "ListPart", "Rows", "read_rows"]
+__all__ = ["Layout", "ListPart", "Rows", "numbers", "read_rows"]

@@ -273,6 +273,18 @@ def test_a_restart_reads_the_converted_cache_without_converting_again(tmp_path: 
     assert again["t"].to_dict() == first["t"].to_dict()
 
 
+def test_a_changed_parquet_file_is_read_again(tmp_path: Path) -> None:
+    """The Arrow copy of a parquet shard is keyed by the file's size and modification time: new rows are seen."""
+    path = _write_parquet(tmp_path / "kalm" / "t" / "train.parquet", _kalm_rows(16))
+    config = _config(tmp_path, {"tasks": {"t": {"path": str(path)}}, "num_negatives": 2})
+    first, _ = _load(config)
+    rows = _kalm_rows(24)[8:]  # other queries, and more of them
+    _write_parquet(path, rows)
+    again, _ = _load(config)
+    assert again["t"]["anchor"] == [r["query"] for r in rows] != first["t"]["anchor"]
+    assert again["t"]["positive"] == [r["pos"][0] for r in rows]
+
+
 @pytest.mark.parametrize("policy", ["strip", "replace"])
 def test_baked_instruction_strip_or_replace(tmp_path: Path, policy: str) -> None:
     path = _write_parquet(tmp_path / "k" / "STSBenchmark" / "train.parquet", _kalm_rows(8))
