@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kalm_st.data.checks import DataValidationError
+from kalm_st.io import atomic_file
 
 FORMATS: dict[str, tuple[str, str, dict[str, Any]]] = {
     ".jsonl": ("json", "JSON lines", {"chunksize": 1 << 20}),
@@ -97,7 +98,13 @@ def read_table(path: str | os.PathLike[str]) -> Any:
     except Exception as error:  # datasets wraps the reader's error in a generic one: report the reader's reason
         if _holds_no_rows(error):
             raise DataValidationError([f"{path}: no rows (the file holds no records)"]) from error
-        raise DataValidationError([f"{path}: cannot be read as {name}: {reasons(error)}"]) from error
+        reason = reasons(error)
+        if builder == "json" and "to null" in reason:  # datasets takes a chunk's types from the file's first chunk
+            reason += (
+                "; a column is empty (null or []) in every row of the file's first MB and holds values later:"
+                " put a row with a value in that column among the first rows"
+            )
+        raise DataValidationError([f"{path}: cannot be read as {name}: {reason}"]) from error
     if dataset.num_rows == 0:
         raise DataValidationError([f"{path}: no rows (the file holds no records)"])
     return dataset
@@ -125,14 +132,17 @@ def _parquet_as_arrow(path: Path) -> Any:
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / "data.lock")):
         if not target.is_file():
-            partial = folder / f"data.arrow.{os.getpid()}.incomplete"
-            # pre_buffer off and a 1 MB read buffer: one batch in memory, not the file's column chunks
-            with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as source:
-                with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, source.schema_arrow) as writer:
-                    for batch in source.iter_batches(batch_size=10_000):
-                        writer.write_batch(batch)
-                        pa.default_memory_pool().release_unused()
-            os.replace(partial, target)  # atomic: a crash leaves no half-written copy
+            # pre_buffer off and a 1 MB read buffer: one batch in memory, not the file's column chunks; atomic: a
+            # crash leaves no half-written copy
+            with (
+                atomic_file(target) as partial,
+                pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as source,
+                pa.OSFile(str(partial), "wb") as sink,
+                pa.ipc.new_stream(sink, source.schema_arrow) as writer,
+            ):
+                for batch in source.iter_batches(batch_size=10_000):
+                    writer.write_batch(batch)
+                    pa.default_memory_pool().release_unused()
     return Dataset.from_file(str(target))
 
 

@@ -394,3 +394,20 @@ def test_tasks_column_makes_one_task_per_value_of_a_curated_file(tmp_path: Path)
     plain = _write_parquet(tmp_path / "plain.parquet", [{"anchor": a, "positive": b} for a, b in pairs])
     with pytest.raises(ValueError, match=r"data\.sources\[0\]\.path: .*plain\.parquet: tasks: column needs a 'task'"):
         _load(_config(tmp_path, {"sources": [{"path": str(plain), "tasks": "column"}]}))
+
+
+def test_a_json_column_empty_in_the_first_chunk_names_the_cause(tmp_path: Path) -> None:
+    """datasets' JSON reader takes each chunk's types from the file's first chunk (1 MB): a list column empty there
+    but filled later cannot be cast; the error says so, with the fix, instead of only 'cast string to null'."""
+    import json
+
+    from kalm_st.data.checks import DataValidationError
+    from kalm_st.data.shards import read_table
+
+    path = tmp_path / "late_negatives.jsonl"
+    with path.open("w") as handle:
+        for i in range(12_000):  # ~1.7 MB: the first MB has no negatives
+            negatives = [] if i < 8_000 else [f"negative {i}"]
+            handle.write(json.dumps({"query": f"query {i} " * 8, "positive": f"p {i}", "negatives": negatives}) + "\n")
+    with pytest.raises(DataValidationError, match=r"empty \(null or \[\]\) in every row of the file's first MB"):
+        read_table(path)
