@@ -1,18 +1,18 @@
 """Choose the quickstart's settings on dev data: run the quickstart recipe with overrides, scored on STS-B dev and
-TrecQA dev (never the test rows), and record per step CPU seconds, wall seconds and peak RSS.
+TrecQA dev (never the test rows), and record the run's CPU seconds, peak RSS and each step's seconds.
 
-Each step runs in its own process (``kalm-st run RECIPE --only STEP``) under ``/usr/bin/time``, so every step gets
-its own CPU time and max RSS. The recipe runner skips a step whose fingerprint is unchanged, so trials that change
-only later stages reuse the earlier steps' outputs (one shared ``--work-dir``). The two eval steps read a dev folder
-in mteb's local layout written here: ``--stsb-pairs`` STS-B dev pairs (seed 0) and the first ``--trecqa-questions``
-TrecQA dev questions with a correct and a wrong candidate.
+One ``kalm-st run`` per trial, under ``/usr/bin/time``, in one shared ``--work-dir``: the recipe runner skips every
+step whose fingerprint (settings and inputs) is unchanged, so a trial that changes only later stages reuses the
+earlier steps' outputs. The two eval steps read a dev folder in mteb's local layout written here: ``--stsb-pairs``
+STS-B dev pairs (seed 0) and the first ``--trecqa-questions`` TrecQA dev questions with a correct and a wrong
+candidate. ``--skip zero_shot`` starts at ``stage1`` (``--from``, which always re-runs its step).
 
     python benchmarks/quickstart_select.py --trial base                       # the recipe as it is
-    python benchmarks/quickstart_select.py --trial lr2e-4 --set stage3.set.args.learning_rate=2e-4
+    python benchmarks/quickstart_select.py --trial lr1e-4 --skip zero_shot --set stage3.set.args.learning_rate=1.0e-4
     python benchmarks/quickstart_select.py --report                           # the table of every trial
 
-Results append to ``{work_dir}/trials.jsonl``; the last printed line is the trial's dev scores and CPU seconds.
-CPU seconds (user + sys, 2 threads) estimate an idle machine's wall time as about CPU / 2 on 2 cores.
+Write rates with a dot (``1.0e-4``): YAML reads ``1e-4`` as a string. Results append to ``{work_dir}/trials.jsonl``;
+the run's log is ``{work_dir}/last_run.log``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,27 +67,32 @@ def write_dev(folder: Path, source: Path, stsb_pairs: int, trecqa_questions: int
         writer.writerows(r for r in rows if r["qtext"] in keep)
 
 
-def run_step(step: str, overrides: list[str], work_dir: Path, dev_dir: Path) -> dict:
+def run_recipe(overrides: list[str], work_dir: Path, dev_dir: Path, skip: list[str]) -> dict:
+    """One ``kalm-st run`` (steps whose fingerprint is unchanged are skipped) under ``/usr/bin/time``."""
     timing = work_dir / "time.txt"
     sets = [f"output_dir={work_dir / 'run'}", *overrides]
-    if step in EVAL_STEPS:
-        sets.append(f"{step}.data_dir={dev_dir}")
+    sets += [f"{step}.data_dir={dev_dir}" for step in EVAL_STEPS]
     command = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(timing), "nice", "-n", "19"]
-    command += [sys.executable, "-m", "kalm_st.cli", "run", str(RECIPE), "--only", step]
+    command += [sys.executable, "-m", "kalm_st.cli", "run", str(RECIPE)]
+    if skip:  # --from forces its step to run: only the first step may be skipped this way
+        command += ["--from", STEPS[STEPS.index(skip[-1]) + 1]]
     for item in sets:
         command += ["--set", item]
-    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
-        raise SystemExit(f"step {step} failed (rc {out.returncode})")
+    with (work_dir / "last_run.log").open("w") as log:
+        rc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"kalm-st run failed (rc {rc}): {work_dir / 'last_run.log'}")
     wall, user, system, max_kb = timing.read_text().split()[-4:]
-    skipped = f"step {step} " in out.stdout + out.stderr and "up to date, skipped" in out.stdout + out.stderr
+    steps = {}
+    for step in STEPS:
+        manifest = work_dir / "run" / step / "manifest.json"
+        if manifest.exists():
+            steps[step] = json.loads(manifest.read_text()).get("seconds")
     return {
-        "step": step,
         "wall_s": float(wall),
         "cpu_s": float(user) + float(system),
         "max_rss_gib": int(max_kb) / 2**20,
-        "skipped": skipped,
+        "step_wall_s": steps,
     }
 
 
@@ -111,23 +115,14 @@ def main() -> None:
     if not args.report:
         dev_dir = args.work_dir / "dev"
         write_dev(dev_dir, args.data_dir, args.stsb_pairs, args.trecqa_questions)
-        started = time.time()
-        steps = []
-        for step in [s for s in STEPS if s not in args.skip]:
-            steps.append(run_step(step, args.overrides, args.work_dir, dev_dir))
-            s = steps[-1]
-            print(
-                f"{step:16} {'skipped' if s['skipped'] else 'ran':8} cpu {s['cpu_s']:7.1f} s  wall {s['wall_s']:7.1f} s"
-                f"  max RSS {s['max_rss_gib']:.2f} GiB",
-                flush=True,
-            )
+        run = run_recipe(args.overrides, args.work_dir, dev_dir, args.skip)
+        print(json.dumps(run), flush=True)
         record = {
             "trial": args.trial,
             "overrides": args.overrides,
-            "steps": steps,
+            "run": run,
             "zero_shot": None if "zero_shot" in args.skip else scores(args.work_dir, "zero_shot"),
             "trained": scores(args.work_dir, "trained"),
-            "wall_s": time.time() - started,
         }
         with trials.open("a", encoding="utf8") as handle:
             handle.write(json.dumps(record) + "\n")
