@@ -5,7 +5,8 @@ One ``kalm-st run`` per trial, under ``/usr/bin/time``, in one shared ``--work-d
 step whose fingerprint (settings and inputs) is unchanged, so a trial that changes only later stages reuses the
 earlier steps' outputs. The two eval steps read a dev folder in mteb's local layout written here: ``--stsb-pairs``
 STS-B dev pairs (seed 0) and the first ``--trecqa-questions`` TrecQA dev questions with a correct and a wrong
-candidate. ``--skip zero_shot`` starts at ``stage1`` (``--from``, which always re-runs its step).
+candidate. ``--skip zero_shot`` starts (``--from``, which always re-runs its step) at the first later step without a
+finished output: delete a changed step's folder first when an earlier step is finished.
 
     python benchmarks/quickstart_select.py --trial base                       # the recipe as it is
     python benchmarks/quickstart_select.py --trial lr1e-4 --skip zero_shot --set stage3.set.args.learning_rate=1.0e-4
@@ -74,8 +75,10 @@ def run_recipe(overrides: list[str], work_dir: Path, dev_dir: Path, skip: list[s
     sets += [f"{step}.data_dir={dev_dir}" for step in EVAL_STEPS]
     command = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(timing), "nice", "-n", "19"]
     command += [sys.executable, "-m", "kalm_st.cli", "run", str(RECIPE)]
-    if skip:  # --from forces its step to run: only the first step may be skipped this way
-        command += ["--from", STEPS[STEPS.index(skip[-1]) + 1]]
+    if skip:  # --from forces its step to re-run: start at the first step without a finished output
+        rest = STEPS[STEPS.index(skip[-1]) + 1 :]
+        todo = [step for step in rest if not (work_dir / "run" / step / "manifest.json").exists()]
+        command += ["--from", todo[0] if todo else rest[0]]
     for item in sets:
         command += ["--set", item]
     with (work_dir / "last_run.log").open("w") as log:
