@@ -131,10 +131,11 @@ def main() -> None:
             handle.write(json.dumps(record) + "\n")
     for line in trials.read_text().splitlines():
         r = json.loads(line)
-        train = sum(s["cpu_s"] for s in r["steps"] if s["step"].startswith("stage") and not s["skipped"])
+        run = r["run"]
+        steps = ", ".join(f"{k} {v:.0f}" for k, v in run["step_wall_s"].items())
         print(
-            f"{r['trial']}: dev {r['trained']}  (zero-shot {r['zero_shot']}); training CPU s {train:.0f}; "
-            f"overrides {' '.join(r['overrides']) or '-'}"
+            f"{r['trial']}: dev {r['trained']} (zero-shot {r['zero_shot']}); this run: CPU {run['cpu_s']:.0f} s, "
+            f"max RSS {run['max_rss_gib']:.2f} GiB; step wall s: {steps}; overrides: {' '.join(r['overrides'])}"
         )
 
 
