@@ -10,6 +10,7 @@ also encodes 2,000 bundled texts both ways. Last line: ``real-token speed-up X.X
 
     python benchmarks/train_throughput.py --quick          # <= 5 min on 2 CPU cores
     python benchmarks/train_throughput.py                  # + more steps, pack/bucket variants, encode of 2,000 texts
+    python benchmarks/train_throughput.py --encode-only    # the encode comparison alone (2,000 texts; --encode-texts N)
 
 ``--samplers``: the earlier comparison of batch orders (all-MiniLM-L6-v2, MultipleNegativesRankingLoss; same real
 data: STS-B train pairs with score >= 4, TrecQA train question/correct answer, Banking77 through example-based
@@ -287,15 +288,17 @@ def real_token_main(args: argparse.Namespace) -> None:
         f"SmolLM2-135M fp32, max_seq_length {args.max_length}; quickstart stage-1 data "
         f"({', '.join(f'{t}={len(d)}' for t, d in data.items())}); task-homogeneous batches of {args.batch_size} pairs"
     )
-    compare_training(model, flat, batches[:1], modes, 1)  # warm-up
-    stats = compare_training(model, flat, batches[1:], modes, args.steps)
-    base = stats["today (padded)"]
-    print(f"{'training step (fwd+bwd)':24} {'s/step':>7} {'real tok/s':>10} {'padding':>8} {'speed-up':>9}")
-    for name, r in stats.items():
-        print(
-            f"{name:24} {r['seconds'] / r['steps']:7.2f} {r['real'] / r['seconds']:10.0f} "
-            f"{1 - r['real'] / r['computed']:8.1%} {base['seconds'] / r['seconds']:8.2f}x"
-        )
+    stats = {}
+    if not args.encode_only:
+        compare_training(model, flat, batches[:1], modes, 1)  # warm-up
+        stats = compare_training(model, flat, batches[1:], modes, args.steps)
+        base = stats["today (padded)"]
+        print(f"{'training step (fwd+bwd)':24} {'s/step':>7} {'real tok/s':>10} {'padding':>8} {'speed-up':>9}")
+        for name, r in stats.items():
+            print(
+                f"{name:24} {r['seconds'] / r['steps']:7.2f} {r['real'] / r['seconds']:10.0f} "
+                f"{1 - r['real'] / r['computed']:8.1%} {base['seconds'] / r['seconds']:8.2f}x"
+            )
     if args.encode_texts:
         texts = bundled_texts(args.encode_texts)
         encode_modes = {"today (padded)": {"real_tokens": "off"}, "new default": {"real_tokens": "auto"}}
@@ -306,6 +309,8 @@ def real_token_main(args: argparse.Namespace) -> None:
         print(f"encode {len(texts)} bundled texts, batch {args.encode_batch_size}: " + json.dumps(result))
         speed = result["new default texts/s"] / result["today (padded) texts/s"]
         print(f"encode speed-up {speed:.2f}x (min cosine {result['new default min cosine']:.7f})")
+    if args.encode_only:
+        return
     new = stats["new default"]
     print(
         f"real-token speed-up {base['seconds'] / new['seconds']:.2f}x, padding "
@@ -372,6 +377,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--encode-texts", type=int, default=None, help="texts to encode both ways (full run: 2000)")
     parser.add_argument("--encode-batch-size", type=int, default=64)
+    parser.add_argument("--encode-only", action="store_true", help="only the encode comparison (2,000 texts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -384,7 +390,7 @@ def main() -> None:
     args.steps = args.steps or (8 if args.quick else 30)
     args.max_length = args.max_length or 64
     if args.encode_texts is None:
-        args.encode_texts = 0 if args.quick else 2000
+        args.encode_texts = 0 if args.quick and not args.encode_only else 2000
     real_token_main(args)
 
 

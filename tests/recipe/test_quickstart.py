@@ -85,11 +85,12 @@ def test_quickstart_recipe_end_to_end_on_a_tiny_backbone(quickstart_run: Quickst
     for step in ("zero_shot", "trained"):
         scores = json.loads((work / step / "scores.json").read_text())
         assert set(scores) == {"STSBenchmark"} and all(map(math.isfinite, scores.values()))
-    # Stage-3 rows: MiniLM's embeddings of the anchor, the positive and the 3 mined / labelled negatives of every task.
+    # Stage-3 rows: MiniLM's embeddings of the anchor, the positive and the 2 mined / labelled negatives of every task.
     teacher = pq.read_table(work / "teacher" / "data.parquet").to_pydict()
     assert set(teacher["task"]) == {"STSBenchmark", "TrecQARetrieval", "Banking77Classification"}
-    assert all(len(label) == 5 and all(len(v) == 384 for v in label) for label in teacher["label"])
-    negatives = zip(teacher["negative_1"], teacher["negative_2"], teacher["negative_3"], strict=True)
+    assert all(len(label) == 4 and all(len(v) == 384 for v in label) for label in teacher["label"])
+    assert "negative_3" not in teacher
+    negatives = zip(teacher["negative_1"], teacher["negative_2"], strict=True)
     assert all(p not in negs for p, negs in zip(teacher["positive"], negatives, strict=True))
 
     # The soup is what kalm-v2/ holds, and plain sentence-transformers loads it, bidirectional.
