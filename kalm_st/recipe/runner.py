@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kalm_st.io import write_json_atomic
+from kalm_st.memory import release_memory
 from kalm_st.recipe.config import FINAL_MODEL_DIRNAME, ConfigError
 from kalm_st.recipe.recipe import REFERENCE_PREFIX, STEP_KINDS, Recipe, RecipeError, Step, is_reference
 from kalm_st.recipe.steps import StepContext
@@ -473,6 +474,7 @@ def run_recipe(
         )
         summary = STEP_KINDS[plan.step.kind].run(context)
         seconds = time.perf_counter() - begin
+        release_memory()  # the next step's peak should not stack on this one's leftovers
         if not main:
             _wait_for(plan, "manifest")
             report.status[name] = "ran"
