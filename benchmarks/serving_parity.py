@@ -564,7 +564,14 @@ def run_llama(
                "--port", str(port), "-c", str(MAX_TOKENS), "-b", str(MAX_TOKENS), "-ub", str(MAX_TOKENS), "-t", "2"]  # fmt: skip
     with Server(command, port, work / f"{name}-llama-server.log") as server:
         started = time.perf_counter()
-        data = _post(server.base + "/v1/embeddings", {"input": inputs, "encoding_format": "float"})["data"]
+        # llama-server refuses an input longer than its batch (HTTP 500, "input (999 tokens) is too large") instead
+        # of cutting it: cut at MAX_TOKENS as sentence-transformers does, with the server's own tokenizer, and send
+        # the token ids (the OpenAI API takes them as input). These tokenizers add no BOS (`add_special: false`).
+        tokens = [
+            _post(server.base + "/tokenize", {"content": text, "add_special": False})["tokens"][:MAX_TOKENS]
+            for text in inputs
+        ]
+        data = _post(server.base + "/v1/embeddings", {"input": tokens, "encoding_format": "float"})["data"]
         got = [item["embedding"] for item in sorted(data, key=lambda item: item["index"])]
         timing = {"startup_s": server.startup_s, "embed_s": time.perf_counter() - started}
         _record(rows, name, "llama.cpp", "llama-server /v1/embeddings", "documents", got[:n], documents, **timing)
