@@ -43,7 +43,7 @@ RUNTIME_CHECKS: dict[str, RuntimeCheck] = {
     ),
     "llama.cpp": RuntimeCheck(
         "llama.cpp",
-        "llama-cpp-python 0.3.36 and its bundled llama.cpp (converter, Llama.embed, llama_cpp.server)",
+        "llama-cpp-python 0.3.36 and its bundled llama.cpp (converter, Llama.embed, llama_cpp.server, llama-server)",
         "run",
         "2026-12-07",
     ),
@@ -99,7 +99,8 @@ text-embeddings-router --model-id {repo_id} --pooling mean
 **llama.cpp**: {c["llama.cpp"].note}. The converter writes `attention.causal = false`; give mean pooling at run time
 (the converter stores it for Qwen2 only; llama-cpp-python's server takes it as a GGUF key override, `<arch>` being
 the GGUF's `general.architecture`, e.g. `llama` or `qwen2`) and normalise the vectors yourself (`llama-server`
-normalises itself).
+normalises itself). `llama-server` refuses an input longer than its batch (HTTP 500) instead of cutting it at 512
+tokens as sentence-transformers does: cut long texts with its `/tokenize` endpoint and send the token ids.
 
 ```bash
 python convert_hf_to_gguf.py ./{repo_id.split("/")[-1]} --outfile model.gguf --outtype f32
