@@ -26,6 +26,12 @@ from kalm_st import testing  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`pytest -n 2`) each worker gets its share of the cores: torch would start one thread per core
+# in every worker, and oversubscribed OpenMP threads spin against each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
