@@ -566,9 +566,10 @@ def run_llama(
         started = time.perf_counter()
         # llama-server refuses an input longer than its batch (HTTP 500, "input (999 tokens) is too large") instead
         # of cutting it: cut at MAX_TOKENS as sentence-transformers does, with the server's own tokenizer, and send
-        # the token ids (the OpenAI API takes them as input). These tokenizers add no BOS (`add_special: false`).
+        # the token ids (the OpenAI API takes them as input). `add_special` applies the GGUF's own BOS/EOS settings,
+        # as the server does for text (none for these two models: the same cosines as with `false`).
         tokens = [
-            _post(server.base + "/tokenize", {"content": text, "add_special": False})["tokens"][:MAX_TOKENS]
+            _post(server.base + "/tokenize", {"content": text, "add_special": True})["tokens"][:MAX_TOKENS]
             for text in inputs
         ]
         data = _post(server.base + "/v1/embeddings", {"input": tokens, "encoding_format": "float"})["data"]
