@@ -1,19 +1,23 @@
 """Choose the quickstart's settings on dev data: run the quickstart recipe with overrides, scored on STS-B dev and
 TrecQA dev (never the test rows), and record the run's CPU seconds, peak RSS and each step's seconds.
 
-One ``kalm-st run`` per trial, under ``/usr/bin/time``, in one shared ``--work-dir``: the recipe runner skips every
-step whose fingerprint (settings and inputs) is unchanged, so a trial that changes only later stages reuses the
-earlier steps' outputs. The two eval steps read a dev folder in mteb's local layout written here: ``--stsb-pairs``
-STS-B dev pairs (seed 0) and the first ``--trecqa-questions`` TrecQA dev questions with a correct and a wrong
-candidate. ``--skip zero_shot`` starts (``--from``, which always re-runs its step) at the first later step without a
-finished output: delete a changed step's folder first when an earlier step is finished.
+One ``kalm-st run`` per trial and seed, under ``/usr/bin/time``, in ``{work_dir}/seed{S}``: the recipe runner skips
+every step whose fingerprint (settings and inputs) is unchanged, so a trial that changes only later stages reuses the
+earlier steps' outputs of the same seed (intermediate models are kept for that). ``--seed S`` sets every seed of the
+recipe (its data draws, each stage's model and Trainer seed, mining and labelling; the loss settings' mixing seeds
+stay 0), as the spread over seeds in ``docs/quickstart.md``. The two eval steps read a dev folder in mteb's local
+layout written here: ``--stsb-pairs`` STS-B dev pairs (seed 0) and the first ``--trecqa-questions`` TrecQA dev
+questions with a correct and a wrong candidate. ``--skip zero_shot`` starts (``--from``, which always re-runs its
+step) at the first later step without a finished output, or, when every later step is finished, at the first step
+that the trial's ``--set`` names.
 
-    python benchmarks/quickstart_select.py --trial base                       # the recipe as it is
-    python benchmarks/quickstart_select.py --trial lr1e-4 --skip zero_shot --set stage3.set.args.learning_rate=1.0e-4
-    python benchmarks/quickstart_select.py --report                           # the table of every trial
+    python benchmarks/quickstart_select.py --trial base --seed 0               # the recipe as it is
+    python benchmarks/quickstart_select.py --trial lr1e-4 --seed 0 --skip zero_shot \
+        --set stage2.set.args.learning_rate=1.0e-4 --set stage3.set.args.learning_rate=1.0e-4
+    python benchmarks/quickstart_select.py --report                           # every trial, and its mean over seeds
 
 Write rates with a dot (``1.0e-4``): YAML reads ``1e-4`` as a string. Results append to ``{work_dir}/trials.jsonl``;
-the run's log is ``{work_dir}/last_run.log``.
+the run's log is ``{work_dir}/seed{S}/last_run.log``.
 """
 
 from __future__ import annotations
@@ -68,17 +72,31 @@ def write_dev(folder: Path, source: Path, stsb_pairs: int, trecqa_questions: int
         writer.writerows(r for r in rows if r["qtext"] in keep)
 
 
-def run_recipe(overrides: list[str], work_dir: Path, dev_dir: Path, skip: list[str]) -> dict:
+SEEDED_STEPS = ("stage1.set", "stage2.set", "stage3.set", "mine_sts", "mine_trecqa", "label_banking77")
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """Every seed of the quickstart recipe (``docs/recipes.md``, "Seeds"), so that a seed is a whole other draw."""
+    return [f"seed={seed}", *(f"{step}.seed={seed}" for step in SEEDED_STEPS)]
+
+
+def first_named_step(overrides: list[str]) -> str | None:
+    """The earliest step of ``STEPS`` that one of the ``STEP.KEY=VALUE`` overrides names."""
+    named = {item.split(".", 1)[0] for item in overrides}
+    return next((step for step in STEPS if step in named), None)
+
+
+def run_recipe(overrides: list[str], seed: int, work_dir: Path, dev_dir: Path, skip: list[str]) -> dict:
     """One ``kalm-st run`` (steps whose fingerprint is unchanged are skipped) under ``/usr/bin/time``."""
     timing = work_dir / "time.txt"
-    sets = [f"output_dir={work_dir / 'run'}", *overrides]
+    sets = [f"output_dir={work_dir / 'run'}", "keep_intermediate_models=true", *seed_overrides(seed), *overrides]
     sets += [f"{step}.data_dir={dev_dir}" for step in EVAL_STEPS]
     command = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(timing), "nice", "-n", "19"]
     command += [sys.executable, "-m", "kalm_st.cli", "run", str(RECIPE)]
     if skip:  # --from forces its step to re-run: start at the first step without a finished output
         rest = STEPS[STEPS.index(skip[-1]) + 1 :]
         todo = [step for step in rest if not (work_dir / "run" / step / "manifest.json").exists()]
-        command += ["--from", todo[0] if todo else rest[0]]
+        command += ["--from", todo[0] if todo else first_named_step(overrides) or rest[0]]
     for item in sets:
         command += ["--set", item]
     with (work_dir / "last_run.log").open("w") as log:
@@ -106,6 +124,7 @@ def scores(work_dir: Path, step: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trial", help="name of this trial")
+    parser.add_argument("--seed", type=int, default=0, help="sets every seed of the recipe (default 0: as shipped)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STEP.KEY=VALUE")
     parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "quickstart_select")
     parser.add_argument("--data-dir", type=Path, default=SOURCE)
@@ -118,25 +137,45 @@ def main() -> None:
     if not args.report:
         dev_dir = args.work_dir / "dev"
         write_dev(dev_dir, args.data_dir, args.stsb_pairs, args.trecqa_questions)
-        run = run_recipe(args.overrides, args.work_dir, dev_dir, args.skip)
+        seed_dir = args.work_dir / f"seed{args.seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        run = run_recipe(args.overrides, args.seed, seed_dir, dev_dir, args.skip)
         print(json.dumps(run), flush=True)
         record = {
             "trial": args.trial,
+            "seed": args.seed,
             "overrides": args.overrides,
             "run": run,
-            "zero_shot": None if "zero_shot" in args.skip else scores(args.work_dir, "zero_shot"),
-            "trained": scores(args.work_dir, "trained"),
+            "zero_shot": None if "zero_shot" in args.skip else scores(seed_dir, "zero_shot"),
+            "trained": scores(seed_dir, "trained"),
         }
         with trials.open("a", encoding="utf8") as handle:
             handle.write(json.dumps(record) + "\n")
-    for line in trials.read_text().splitlines():
-        r = json.loads(line)
+    records = [json.loads(line) for line in trials.read_text().splitlines()]
+    for r in records:
         run = r["run"]
         steps = ", ".join(f"{k} {v:.0f}" for k, v in run["step_wall_s"].items())
         print(
-            f"{r['trial']}: dev {r['trained']} (zero-shot {r['zero_shot']}); this run: CPU {run['cpu_s']:.0f} s, "
-            f"max RSS {run['max_rss_gib']:.2f} GiB; step wall s: {steps}; overrides: {' '.join(r['overrides'])}"
+            f"{r['trial']} (seed {r.get('seed', 0)}): dev {r['trained']} (zero-shot {r['zero_shot']}); this run: "
+            f"CPU {run['cpu_s']:.0f} s, max RSS {run['max_rss_gib']:.2f} GiB; step wall s: {steps}; "
+            f"overrides: {' '.join(r['overrides'])}"
         )
+    print(over_seeds(records))
+
+
+def over_seeds(records: list[dict]) -> str:
+    """A markdown table: each trial's dev scores per seed (the last record of a trial and seed), mean and minimum."""
+    latest: dict[str, dict[int, dict[str, float]]] = {}
+    for r in records:
+        latest.setdefault(r["trial"], {})[r.get("seed", 0)] = r["trained"]
+    lines = ["| trial | task | per seed | mean | min |", "|---|---|---|---:|---:|"]
+    for trial, by_seed in latest.items():
+        for task in sorted({task for task_scores in by_seed.values() for task in task_scores}):
+            values = {seed: task_scores[task] for seed, task_scores in sorted(by_seed.items()) if task in task_scores}
+            per_seed = " / ".join(f"{seed}: {value:.2f}" for seed, value in values.items())
+            mean = sum(values.values()) / len(values)
+            lines.append(f"| {trial} | {task} | {per_seed} | {mean:.2f} | {min(values.values()):.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

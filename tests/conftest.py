@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 # mteb and matplotlib write caches under ~ at import time; keep test runs from touching the home folder.
 _CACHE = Path(tempfile.mkdtemp(prefix="kalm-st-test-cache-"))
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # one per pytest process (each xdist worker too)
 os.environ.setdefault("MTEB_CACHE", str(_CACHE / "mteb"))
 os.environ.setdefault("MPLCONFIGDIR", str(_CACHE / "matplotlib"))
 
@@ -27,10 +30,12 @@ from kalm_st import testing  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Under pytest-xdist (`pytest -n 2`) each worker gets its share of the cores: torch would start one thread per core
-# in every worker, and oversubscribed OpenMP threads spin against each other.
+# in every worker, and oversubscribed OpenMP threads spin against each other. The cores are the ones this process
+# may run on (a container's CPU set), not the host's count.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 if _WORKERS > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
 
 
 @pytest.fixture(scope="session")
