@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -599,15 +600,18 @@ def run_int8(model_dir: Path, texts: list[str], work: Path, sts_pairs: int, thre
     from scipy.stats import spearmanr
     from sentence_transformers import SentenceTransformer
 
+    from kalm_st.recipe.runner import path_fingerprint
     from kalm_st.serving import ONNXEncoder, export_onnx
     from kalm_st.serving.onnx_int8 import quantize_variant
 
     model_dir = model_dir.expanduser().resolve()
-    # The export writes MODEL/onnx: work on a copy (the model folder may be read-only).
-    copy = work / "int8" / model_dir.name
+    # The export writes MODEL/onnx: work on a copy (the model folder may be read-only), named by the weights' size and
+    # mtime, so a retrained model in the same folder is exported again, not read from a stale copy.
+    weights = hashlib.sha256(path_fingerprint(str(model_dir / "model.safetensors")).encode()).hexdigest()[:12]
+    copy = work / "int8" / f"{model_dir.name}-{weights}"
     if not (copy / "onnx" / "model_int8.onnx").is_file():
-        if copy.exists():
-            shutil.rmtree(copy)
+        for stale in copy.parent.glob(f"{model_dir.name}-*"):  # earlier weights of this folder, or a broken copy
+            shutil.rmtree(stale)
         shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("onnx"))
         started = time.perf_counter()
         # int8_min_cosine=-1: keep the int8 graph whatever its parity, to measure it.
