@@ -14,8 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validate every step, the step graph and the local sources; report every problem; run nothing",
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--from", dest="start", metavar="STEP", help="run this step and the ones after it")
-    which.add_argument("--only", metavar="STEP", help="run only this step (its inputs must exist)")
+    which.add_argument(
+        "--from",
+        dest="start",
+        metavar="STEP",
+        help="run this step even when it is up to date, then the later steps that are not",
+    )
+    which.add_argument(
+        "--only", metavar="STEP", help="run only this step, even when it is up to date (its inputs must exist)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
