@@ -6,12 +6,13 @@
   ``Banking77Classification``, ``TrecQAReranking``, ``TrecQARetrieval``; ``"local"`` = all);
 - :mod:`~kalm_st.evaluation.report`: markdown table, bar chart, Matryoshka curves;
 - :mod:`~kalm_st.evaluation.meta`: mteb ``ModelMeta`` and a results folder for the results repository;
-- :mod:`~kalm_st.evaluation.hub`: model card and push.
+- :mod:`~kalm_st.evaluation.card`: the model card; :mod:`~kalm_st.evaluation.hub`: the push.
 """
 
 from __future__ import annotations
 
-from kalm_st.evaluation.hub import HubPushError, PushResult, build_model_card, push_model
+from kalm_st.evaluation.card import build_model_card
+from kalm_st.evaluation.hub import HubPushError, PushResult, push_model
 from kalm_st.evaluation.meta import build_model_meta, export_results_folder
 from kalm_st.evaluation.report import PUBLISHED_SCORES, bar_chart, markdown_table, read_scores, write_report
 from kalm_st.evaluation.run import EvaluationRun, InstructedEncoder, evaluate_model, resolve_prompts

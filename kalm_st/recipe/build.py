@@ -519,7 +519,7 @@ def run_stage(
 
         save_final_model(trainer, run.model, final, config)  # atomic and portable; gathers a sharded model once
         if trainer.is_world_process_zero() and (final / "modules.json").is_file():
-            from kalm_st.evaluation.hub import write_model_card
+            from kalm_st.evaluation.card import write_model_card
 
             write_model_card(final)  # kalm-st's card (stages, data, instructions) in place of the automatic one
     except Exception as error:

@@ -254,7 +254,7 @@ def run_train(ctx: StepContext) -> dict[str, Any]:
 
 def _write_cards(*folders: Path | None) -> None:
     """kalm-st's model card (stages, data, base model) in each model folder, in place of the automatic one."""
-    from kalm_st.evaluation.hub import write_model_card
+    from kalm_st.evaluation.card import write_model_card
 
     for folder in dict.fromkeys(f for f in folders if f is not None and (Path(f) / "modules.json").is_file()):
         write_model_card(folder)

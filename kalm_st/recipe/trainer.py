@@ -1,6 +1,6 @@
 """The Trainer kalm-st trains with: sentence-transformers' own, minus the automatic model card's bookkeeping.
 
-kalm-st writes its own card into every final model folder (:func:`kalm_st.evaluation.hub.write_model_card`: stages,
+kalm-st writes its own card into every final model folder (:func:`kalm_st.evaluation.card.write_model_card`: stages,
 data, instruction table, base model), so sentence-transformers' model-card callback would only compute widget examples
 (encoding training rows, with a "Computing widget examples" bar) for a card that is replaced. ``add_model_card_callback``
 is the extension point sentence-transformers documents for removing that callback.

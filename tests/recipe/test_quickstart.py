@@ -21,7 +21,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from kalm_st.cli import main
-from kalm_st.evaluation.hub import find_training_configs
+from kalm_st.evaluation.card import find_training_configs
 from kalm_st.recipe.runner import MANIFEST
 
 from .conftest import REPO_ROOT

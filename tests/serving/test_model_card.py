@@ -8,7 +8,7 @@ import shlex
 import yaml
 
 from kalm_st.cli import build_parser
-from kalm_st.evaluation.hub import build_model_card
+from kalm_st.evaluation.card import build_model_card
 from kalm_st.serving.runtimes import RUNTIME_CHECKS
 
 
