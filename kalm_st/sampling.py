@@ -131,6 +131,12 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
             are cut into windows of ``length_window`` global batches, sorted by length inside the window, then
             batched; the order of the steps stays random.
         length_window: Window size in global batches for ``length_aware``.
+        task_order: How the steps of the tasks are ordered in an epoch: ``"shuffled"`` (default: a uniform shuffle of
+            all steps) or ``"even"``: step ``k`` of a task with ``s`` steps is placed at ``(k + u) / s`` with ``u``
+            uniform in [0, 1), so every prefix of the epoch holds each task's share of its steps to within about one step
+            (the order stays random). A run of ``max_steps`` shorter than an epoch then trains each task in
+            proportion; with ``"shuffled"`` a short run draws its task mix (16 steps of three tasks: one task's
+            share can be half or double its proportion).
         lengths: Length key per row of the ``ConcatDataset`` (e.g. token counts; a sequence, numpy array or
             tensor of integers); default: :func:`text_lengths`.
         task_names: Names of the tasks in order (for messages and ``positive_groups``).
@@ -156,6 +162,7 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         world_size: int | None = None,
         length_aware: bool = False,
         length_window: int = 16,
+        task_order: str = "shuffled",
         lengths: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         task_names: Sequence[str] | None = None,
         positive_groups: Mapping[str, GroupStarts] | None = None,
@@ -168,6 +175,9 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.length_aware = length_aware
+        if task_order not in ("shuffled", "even"):
+            raise ValueError(f"task_order must be 'shuffled' or 'even', got {task_order!r}")
+        self.task_order = task_order
         self.length_window = max(1, int(length_window))
         self.sizes = [len(d) for d in dataset.datasets]
         self.offsets = [0, *accumulate(self.sizes)][:-1]
@@ -254,8 +264,16 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         generator = torch.Generator()
         generator.manual_seed(int(self.seed) + int(self.epoch))
         per_task = [self._task_batches(t, generator) for t in range(len(self.sizes))]
-        step_tasks = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.steps_per_task))
-        step_tasks = step_tasks[torch.randperm(step_tasks.numel(), generator=generator)]
+        steps = torch.tensor(self.steps_per_task)
+        step_tasks = torch.repeat_interleave(torch.arange(len(self.sizes)), steps)
+        if self.task_order == "even":  # step k of a task with s steps at (k + u) / s: prefixes hold each task's share
+            within = torch.arange(step_tasks.numel()) - torch.repeat_interleave(torch.cumsum(steps, 0) - steps, steps)
+            places = (within + torch.rand(step_tasks.numel(), generator=generator, dtype=torch.float64)) / steps[
+                step_tasks
+            ].to(torch.float64)
+            step_tasks = step_tasks[torch.argsort(places, stable=True)]
+        else:
+            step_tasks = step_tasks[torch.randperm(step_tasks.numel(), generator=generator)]
         cursors = [0] * len(self.sizes)
         for task in step_tasks.tolist():
             rows = per_task[task][cursors[task] : cursors[task] + self.world_size]  # (world_size, main_size)

@@ -163,9 +163,39 @@ def test_length_aware_groups_similar_lengths() -> None:
     assert spread(aware) < 0.5 * spread(plain)
 
 
+def _largest_prefix_gap(batches: list[list[int]], sizes: list[int], steps: list[int]) -> float:
+    """The largest |steps of task t among the first m - m * s_t / S| over every prefix m and task t."""
+    counts, gap = [0] * len(sizes), 0.0
+    for m, batch in enumerate(batches, start=1):
+        counts[_task_of(batch[0], sizes)] += 1
+        gap = max(gap, *(abs(c - m * s / sum(steps)) for c, s in zip(counts, steps, strict=True)))
+    return gap
+
+
+def test_even_task_order_keeps_every_prefix_in_proportion_and_the_epoch_unchanged() -> None:
+    sizes = list(SIZES.values())
+    steps = [n // 4 for n in sizes]  # 10, 6 and 4 steps of 4 rows
+    gaps: dict[str, list[float]] = {"shuffled": [], "even": []}
+    for epoch in range(30):
+        epochs = {}
+        for order in gaps:
+            sampler = _sampler(batch_size=4, task_order=order)
+            sampler.set_epoch(epoch)
+            epochs[order] = list(sampler)
+            gaps[order].append(_largest_prefix_gap(epochs[order], sizes, steps))
+        assert sorted(epochs["even"]) == sorted(epochs["shuffled"])  # the same batches, in another order
+    # step k of a task at (k + u) / s: a prefix ending at place x holds floor(x s) or floor(x s) + 1 of its steps
+    assert max(gaps["even"]) < 2.0
+    assert max(gaps["shuffled"]) >= 2.5  # a uniform shuffle lets a task fall behind its share (the test can fail)
+    first = _sampler(batch_size=4, task_order="even")
+    assert list(first) == list(_sampler(batch_size=4, task_order="even"))  # a function of (seed, epoch)
+
+
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match="homogeneous_ratio"):
         _sampler(homogeneous_ratio=0.0)
+    with pytest.raises(ValueError, match="task_order"):
+        _sampler(task_order="random")
     with pytest.raises(ValueError, match="same columns"):
         data = _datasets()
         data["C"] = data["C"].add_column("negative_1", ["n"] * 17)

@@ -274,6 +274,7 @@ def _multi_dataset_sampler(
         TaskHomogeneousBatchSampler,
         homogeneous_ratio=config.data.homogeneous_ratio,
         length_aware=config.data.length_aware,
+        task_order=config.data.task_order,
         task_names=list(config.data.tasks if task_names is None else task_names),
         positive_groups=positive_groups or None,
     )

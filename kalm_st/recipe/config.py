@@ -250,6 +250,8 @@ class DataConfig:
         homogeneous_ratio: Share of each global batch drawn from one task, in (0, 1] (1.0: fully task-homogeneous);
             :class:`kalm_st.sampling.TaskHomogeneousBatchSampler` fills the rest from the other tasks.
         length_aware: Group rows of similar length within a task (less padding), see the sampler.
+        task_order: ``shuffled`` (default) or ``even``: each task's steps spread evenly over the epoch, so a run
+            shorter than an epoch trains each task in proportion (:class:`kalm_st.sampling.TaskHomogeneousBatchSampler`).
         eval_tasks: Optional held-out tasks evaluated with the loss during training (``args.eval_strategy``).
         sources: Folders or Hub datasets expanded into tasks (:class:`SourceConfig`), added to ``tasks``.
         instructed_queries: KaLM / FlagEmbedding / F2LLM rows whose query already carries the KaLM template:
@@ -264,6 +266,7 @@ class DataConfig:
     num_negatives: int | None = None
     homogeneous_ratio: float = 1.0
     length_aware: bool = False
+    task_order: Literal["shuffled", "even"] = "shuffled"
     eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
     sources: tuple[SourceConfig, ...] = ()
     instructed_queries: Literal["keep", "strip", "replace"] = "keep"
