@@ -17,7 +17,7 @@ that the trial's ``--set`` names.
     python benchmarks/quickstart_select.py --report                           # every trial, and its mean over seeds
 
 Write rates with a dot (``1.0e-4``): YAML reads ``1e-4`` as a string. Results append to ``{work_dir}/trials.jsonl``;
-the run's log is ``{work_dir}/seed{S}/last_run.log``.
+the run's log is ``{work_dir}/seed{S}/last_run.log``, its model ``{work_dir}/seed{S}/models/{trial}``.
 """
 
 from __future__ import annotations
@@ -86,10 +86,12 @@ def first_named_step(overrides: list[str]) -> str | None:
     return next((step for step in STEPS if step in named), None)
 
 
-def run_recipe(overrides: list[str], seed: int, work_dir: Path, dev_dir: Path, skip: list[str]) -> dict:
-    """One ``kalm-st run`` (steps whose fingerprint is unchanged are skipped) under ``/usr/bin/time``."""
+def run_recipe(overrides: list[str], seed: int, trial: str, work_dir: Path, dev_dir: Path, skip: list[str]) -> dict:
+    """One ``kalm-st run`` (steps whose fingerprint is unchanged are skipped) under ``/usr/bin/time``; the trial's
+    model is kept in ``{work_dir}/models/{trial}`` (to score the chosen trial on the test rows afterwards)."""
     timing = work_dir / "time.txt"
     sets = [f"output_dir={work_dir / 'run'}", "keep_intermediate_models=true", *seed_overrides(seed), *overrides]
+    sets.append(f"soup.output={work_dir / 'models' / trial}")
     sets += [f"{step}.data_dir={dev_dir}" for step in EVAL_STEPS]
     command = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(timing), "nice", "-n", "19"]
     command += [sys.executable, "-m", "kalm_st.cli", "run", str(RECIPE)]
@@ -135,11 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     trials = args.work_dir / "trials.jsonl"
     if not args.report:
+        if not args.trial:
+            parser.error("--trial NAME is needed to run a trial (or --report)")
         dev_dir = args.work_dir / "dev"
         write_dev(dev_dir, args.data_dir, args.stsb_pairs, args.trecqa_questions)
         seed_dir = args.work_dir / f"seed{args.seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
-        run = run_recipe(args.overrides, args.seed, seed_dir, dev_dir, args.skip)
+        run = run_recipe(args.overrides, args.seed, args.trial, seed_dir, dev_dir, args.skip)
         print(json.dumps(run), flush=True)
         record = {
             "trial": args.trial,
