@@ -8,8 +8,7 @@ recipe (its data draws, each stage's model and Trainer seed, mining and labellin
 stay 0), as the spread over seeds in ``docs/quickstart.md``. The two eval steps read a dev folder in mteb's local
 layout written here: ``--stsb-pairs`` STS-B dev pairs (seed 0) and the first ``--trecqa-questions`` TrecQA dev
 questions with a correct and a wrong candidate. ``--skip zero_shot`` starts (``--from``, which always re-runs its
-step) at the first later step without a finished output, or, when every later step is finished, at the first step
-that the trial's ``--set`` names.
+step) at the first later step that the runner would not skip (its fingerprint changed, or it never finished).
 
     python benchmarks/quickstart_select.py --trial base --seed 0               # the recipe as it is
     python benchmarks/quickstart_select.py --trial lr1e-4 --seed 0 --skip zero_shot \
@@ -80,10 +79,22 @@ def seed_overrides(seed: int) -> list[str]:
     return [f"seed={seed}", *(f"{step}.seed={seed}" for step in SEEDED_STEPS)]
 
 
-def first_named_step(overrides: list[str]) -> str | None:
-    """The earliest step of ``STEPS`` that one of the ``STEP.KEY=VALUE`` overrides names."""
-    named = {item.split(".", 1)[0] for item in overrides}
-    return next((step for step in STEPS if step in named), None)
+def first_stale_step(sets: list[str], after: str) -> str:
+    """The first step after ``after`` that the runner would not skip: no manifest with this run's fingerprint (its
+    settings, inputs or kalm-st's config schema changed) or no output; the last step when every one is done."""
+    from kalm_st.recipe.recipe import load_recipe
+    from kalm_st.recipe.runner import plan_recipe, read_manifest
+
+    plans, problems, _ = plan_recipe(load_recipe(RECIPE, sets))
+    if problems:
+        raise SystemExit("\n".join(problems))
+    rest = [plan for plan in plans if STEPS.index(plan.step.name) > STEPS.index(after)]
+    for plan in rest:
+        manifest = read_manifest(plan.step_dir) or {}
+        done = manifest.get("fingerprint") == plan.fingerprint
+        if not done or (plan.output is not None and not plan.output.exists()):
+            return plan.step.name
+    return rest[-1].step.name
 
 
 def run_recipe(overrides: list[str], seed: int, trial: str, work_dir: Path, dev_dir: Path, skip: list[str]) -> dict:
@@ -95,10 +106,8 @@ def run_recipe(overrides: list[str], seed: int, trial: str, work_dir: Path, dev_
     sets += [f"{step}.data_dir={dev_dir}" for step in EVAL_STEPS]
     command = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(timing), "nice", "-n", "19"]
     command += [sys.executable, "-m", "kalm_st.cli", "run", str(RECIPE)]
-    if skip:  # --from forces its step to re-run: start at the first step without a finished output
-        rest = STEPS[STEPS.index(skip[-1]) + 1 :]
-        todo = [step for step in rest if not (work_dir / "run" / step / "manifest.json").exists()]
-        command += ["--from", todo[0] if todo else first_named_step(overrides) or rest[0]]
+    if skip:  # --from forces its step to re-run: start at the first step after the skipped ones that is not done
+        command += ["--from", first_stale_step(sets, skip[-1])]
     for item in sets:
         command += ["--set", item]
     with (work_dir / "last_run.log").open("w") as log:
