@@ -291,8 +291,10 @@ def test_build_stage_registers_the_epoch_callback(tmp_path: Path) -> None:
     from kalm_st.recipe.config import load_config
 
     config = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_smoke.yaml"
-    run = build_stage(load_config(config, [f"output_dir={tmp_path}"]))
-    assert isinstance(run.trainer.get_train_dataloader().batch_sampler, TaskHomogeneousBatchSampler)
+    run = build_stage(load_config(config, [f"output_dir={tmp_path}", "data.task_order=even"]))
+    sampler = run.trainer.get_train_dataloader().batch_sampler
+    assert isinstance(sampler, TaskHomogeneousBatchSampler)
+    assert sampler.task_order == "even"  # the stage config's data.task_order reaches the sampler
     assert sum(isinstance(c, SamplerEpochCallback) for c in run.trainer.callback_handler.callbacks) == 1
 
 

@@ -55,8 +55,9 @@ def test_unknown_key_at_every_level(path: Path, override: str, expected: str) ->
             "model.dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got 'float33'; did you mean 'float32'?",
         ),
         ("data.tasks.STSBenchmark.type=sts", "data.tasks.STSBenchmark.type must be one of 'Retrieval', "),
+        ("data.task_order=random", "data.task_order must be one of 'shuffled', 'even', got 'random'."),
     ],
-    ids=["args-int", "seed", "model-int", "data-float", "dtype", "task-type"],
+    ids=["args-int", "seed", "model-int", "data-float", "dtype", "task-type", "task-order"],
 )
 def test_wrong_types(override: str, expected: str) -> None:
     assert _load_error(TINY, [override]).startswith(expected)
