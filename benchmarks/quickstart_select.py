@@ -80,21 +80,16 @@ def seed_overrides(seed: int) -> list[str]:
 
 
 def first_stale_step(sets: list[str], after: str) -> str:
-    """The first step after ``after`` that the runner would not skip: no manifest with this run's fingerprint (its
-    settings, inputs or kalm-st's config schema changed) or no output; the last step when every one is done."""
+    """The first step after ``after`` that the runner would not skip (:func:`kalm_st.recipe.runner.is_done`: its
+    settings, inputs or kalm-st's config schema changed, or it never finished); the last step when every one is done."""
     from kalm_st.recipe.recipe import load_recipe
-    from kalm_st.recipe.runner import plan_recipe, read_manifest
+    from kalm_st.recipe.runner import is_done, plan_recipe
 
     plans, problems, _ = plan_recipe(load_recipe(RECIPE, sets))
     if problems:
         raise SystemExit("\n".join(problems))
     rest = [plan for plan in plans if STEPS.index(plan.step.name) > STEPS.index(after)]
-    for plan in rest:
-        manifest = read_manifest(plan.step_dir) or {}
-        done = manifest.get("fingerprint") == plan.fingerprint
-        if not done or (plan.output is not None and not plan.output.exists()):
-            return plan.step.name
-    return rest[-1].step.name
+    return next((plan.step.name for plan in rest if not is_done(plan)), rest[-1].step.name)
 
 
 def run_recipe(overrides: list[str], seed: int, trial: str, work_dir: Path, dev_dir: Path, skip: list[str]) -> dict:

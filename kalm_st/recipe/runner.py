@@ -289,7 +289,7 @@ def read_manifest(step_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _is_done(plan: StepPlan) -> bool:
+def is_done(plan: StepPlan) -> bool:
     """Complete with this fingerprint: its output is there, or was removed on purpose (``pruned``) once every step
     reading it was done, like ``make``'s intermediate files."""
     manifest = read_manifest(plan.step_dir)
@@ -301,7 +301,7 @@ def _is_done(plan: StepPlan) -> bool:
 def _is_pruned(plan: StepPlan) -> bool:
     """Done, but its output was removed (``keep_intermediate_models: false``): a step that must run and reads it
     makes it run again first."""
-    return plan.output is not None and not plan.output.exists() and _is_done(plan)
+    return plan.output is not None and not plan.output.exists() and is_done(plan)
 
 
 def _readers(plans: list[StepPlan]) -> dict[str, list[StepPlan]]:
@@ -327,9 +327,9 @@ def prune_intermediate_models(plans: list[StepPlan], builtin_dir: Path) -> list[
         default_output = plan.step_dir / FINAL_MODEL_DIRNAME
         if plan.step.kind != "train" or plan.output != default_output or not plan.output.exists():
             continue  # an explicit output: (a deliverable) is never removed
-        if not readers[plan.step.name] or not _is_done(plan):
+        if not readers[plan.step.name] or not is_done(plan):
             continue
-        if not all(_is_done(reader) for reader in readers[plan.step.name]):
+        if not all(is_done(reader) for reader in readers[plan.step.name]):
             continue
         manifest = read_manifest(plan.step_dir) or {}
         write_json_atomic(plan.step_dir / MANIFEST, {**manifest, "pruned": True})
@@ -339,7 +339,7 @@ def prune_intermediate_models(plans: list[StepPlan], builtin_dir: Path) -> list[
     for name in dict.fromkeys(value for plan in plans for value in _builtin_inputs(plan)):
         folder = builtin_dir / name.removeprefix("builtin:")
         users = [plan for plan in plans if name in _builtin_inputs(plan)]
-        if folder.is_dir() and all(_is_done(plan) for plan in users):
+        if folder.is_dir() and all(is_done(plan) for plan in users):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     for folder in removed:
@@ -351,7 +351,7 @@ def _to_run(plans: list[StepPlan], selected: list[StepPlan], start: str | None, 
     """The selected steps that run: not done (or forced by ``--from`` / ``--only``), plus every pruned step whose
     output one of them reads (and, in turn, what that one reads)."""
     forced = {name for name in (start, only) if name is not None}
-    names = {p.step.name for p in selected if p.step.name in forced or not _is_done(p)}
+    names = {p.step.name for p in selected if p.step.name in forced or not is_done(p)}
     by_name = {p.step.name: p for p in plans}
     for plan in reversed(plans):  # references point to earlier steps: one backward pass closes the set
         if plan.step.name not in names:
@@ -453,7 +453,7 @@ def run_recipe(
             continue
         for ref in plan.step.references():
             ref_plan = next(p for p in plans if p.step.name == ref)
-            if not _is_done(ref_plan) or _is_pruned(ref_plan):
+            if not is_done(ref_plan) or _is_pruned(ref_plan):
                 raise ConfigError(
                     f"step {name!r} needs the output of step {ref!r}, which is not complete; run it first."
                 )
@@ -509,6 +509,7 @@ __all__ = [
     "RecipeReport",
     "StepPlan",
     "check_recipe",
+    "is_done",
     "path_fingerprint",
     "plan_recipe",
     "prune_intermediate_models",
