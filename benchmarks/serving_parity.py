@@ -610,7 +610,8 @@ def run_int8(model_dir: Path, texts: list[str], work: Path, sts_pairs: int, thre
     weights = hashlib.sha256(path_fingerprint(str(model_dir / "model.safetensors")).encode()).hexdigest()[:12]
     copy = work / "int8" / f"{model_dir.name}-{weights}"
     if not (copy / "onnx" / "model_int8.onnx").is_file():
-        for stale in copy.parent.glob(f"{model_dir.name}-*"):  # earlier weights of this folder, or a broken copy
+        # earlier weights of this folder, or a broken copy (12 characters: not "kalm-v2-..." when the name is "kalm")
+        for stale in copy.parent.glob(f"{model_dir.name}-{'?' * len(weights)}"):
             shutil.rmtree(stale)
         shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("onnx"))
         started = time.perf_counter()

@@ -45,7 +45,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import accumulate
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.compute as pc
@@ -162,7 +162,7 @@ class TaskHomogeneousBatchSampler(MultiDatasetDefaultBatchSampler):
         world_size: int | None = None,
         length_aware: bool = False,
         length_window: int = 16,
-        task_order: str = "shuffled",
+        task_order: Literal["shuffled", "even"] = "shuffled",
         lengths: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         task_names: Sequence[str] | None = None,
         positive_groups: Mapping[str, GroupStarts] | None = None,
